@@ -1,0 +1,102 @@
+"""The ``ktls`` command line: ``ktls check`` (what this kernel's TLS supports) and ``ktls stat``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from . import __version__
+from .constants import TLSVersion
+from .kernel import CIPHERS, KernelSupport, probe, read_tls_stat
+
+__all__ = ["main"]
+
+_NO_KTLS_HELP = (
+    "Kernel TLS is not available: {reason}.\n"
+    "kTLS needs a Linux kernel built with CONFIG_TLS (=y or =m) and, when it is a module, the 'tls' module\n"
+    "loadable ('modprobe tls'). Until then ktls works over userspace TLS (Python's ssl module)."
+)
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def _print_check(support: KernelSupport, stat: dict[str, int] | None, out: TextIO) -> None:
+    print(f"kernel: {support.kernel_release}", file=out)
+    if not support.ulp:
+        print(_NO_KTLS_HELP.format(reason=support.ulp_error), file=out)
+        return
+    print("TLS upper-layer protocol: yes", file=out)
+    print("", file=out)
+    header = f"{'cipher':<20} {'TLS 1.2 tx/rx':<15} {'TLS 1.3 tx/rx':<15}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for cipher in CIPHERS.values():
+        cells = []
+        for version in TLSVersion:
+            if version not in cipher.versions:
+                cells.append("n/a")
+                continue
+            entry = next(c for c in support.ciphers if c.cipher is cipher.cipher_type and c.version is version)
+            cells.append(f"{_mark(entry.tx)}/{_mark(entry.rx)}")
+        print(f"{cipher.name:<20} {cells[0]:<15} {cells[1]:<15}", file=out)
+    print("", file=out)
+    rekey = f"tx {_mark(support.rekey_tx)}, rx {_mark(support.rekey_rx)}"
+    if not support.rekey and support.rekey_error:
+        rekey += f" ({support.rekey_error})"
+    print(f"TLS 1.3 rekey (KeyUpdate): {rekey}", file=out)
+    print(f"TLS_RX_EXPECT_NO_PAD: {_mark(support.rx_expect_no_pad)}", file=out)
+    print(f"TLS_TX_MAX_PAYLOAD_LEN: {_mark(support.tx_max_payload_len)}", file=out)
+    if stat is not None:
+        print("", file=out)
+        print("/proc/net/tls_stat:", file=out)
+        for name, value in stat.items():
+            print(f"  {name:<28} {value}", file=out)
+
+
+def _check(args: argparse.Namespace, out: TextIO) -> int:
+    support = probe()
+    stat = read_tls_stat()
+    if args.json:
+        json.dump({**support.to_json(), "tls_stat": stat}, out, indent=2)
+        out.write("\n")
+    else:
+        _print_check(support, stat, out)
+    return 0 if support.available else 1
+
+
+def _stat(args: argparse.Namespace, out: TextIO) -> int:
+    stat = read_tls_stat()
+    if stat is None:
+        print("/proc/net/tls_stat does not exist: no kernel TLS here (CONFIG_TLS, 'tls' module).", file=out)
+        return 1
+    if args.json:
+        json.dump(stat, out, indent=2)
+        out.write("\n")
+    else:
+        for name, value in stat.items():
+            print(f"{name:<28} {value}", file=out)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ktls", description="Linux kernel TLS offload for Python.")
+    parser.add_argument("--version", action="version", version=f"ktls {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser("check", help="what this machine's kernel TLS supports (exit 1 if none)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(run=_check)
+    stat = commands.add_parser("stat", help="the kernel's kTLS counters (/proc/net/tls_stat)")
+    stat.add_argument("--json", action="store_true", help="machine-readable output")
+    stat.set_defaults(run=_stat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = _parser().parse_args(argv)
+    code: int = args.run(args, out or sys.stdout)
+    return code

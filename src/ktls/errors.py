@@ -1,0 +1,121 @@
+"""The exceptions ktls raises.
+
+There are two axes, and every class sits on exactly one:
+
+* **The kernel cannot do it** (:class:`KernelTLSUnavailable`): no ``tls`` ULP, a cipher or TLS version the
+  kernel does not accept, a rekey the kernel cannot do, an optional socket option it does not know. These
+  are the reasons to fall back to userspace TLS; nothing is broken.
+* **Something failed** (:class:`KernelTLSFailure`): the kernel rejected a record (authentication failure,
+  oversized record, malformed header), a rekey is pending, the socket was in the wrong state. Each record
+  failure names the TLS alert a peer should be sent (``alert``), so the code that catches it knows what to say.
+
+All of them are :class:`OSError` subclasses that keep the kernel's ``errno``, so code that already handles
+socket errors keeps working. Messages say what happened in words; they never contain key material.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+from .constants import AlertDescription
+
+__all__ = [
+    "CipherUnavailable",
+    "ControlRecordPending",
+    "KTLSError",
+    "KernelTLSConfigError",
+    "KernelTLSFailure",
+    "KernelTLSUnavailable",
+    "OptionUnavailable",
+    "RecordAuthenticationError",
+    "RecordError",
+    "RecordHeaderError",
+    "RecordOverflowError",
+    "RekeyPending",
+    "RekeyUnsupported",
+    "ULPUnavailable",
+]
+
+
+class KTLSError(OSError):
+    """Root of every error ktls raises about the kernel's TLS."""
+
+    def __init__(self, err: int | None, message: str) -> None:
+        if err is None:
+            super().__init__(message)
+        else:
+            super().__init__(err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        if self.errno is None:
+            return self.message
+        name = _errno.errorcode.get(self.errno, str(self.errno))
+        return f"{self.message} [{name}: {os.strerror(self.errno)}]"
+
+
+class KernelTLSUnavailable(KTLSError):
+    """This kernel cannot do kernel TLS for this connection; userspace TLS can still carry it."""
+
+
+class ULPUnavailable(KernelTLSUnavailable):
+    """The ``tls`` upper-layer protocol is missing: the kernel was built without ``CONFIG_TLS`` or the
+    ``tls`` module cannot be loaded (``setsockopt(TCP_ULP, "tls")`` → ``ENOENT``)."""
+
+
+class CipherUnavailable(KernelTLSUnavailable):
+    """The kernel does not accept this cipher for this TLS version: its crypto algorithm is not built or
+    not loadable (``ENOENT``), or the kernel does not know the cipher/version pair (``EINVAL``)."""
+
+
+class RekeyUnsupported(KernelTLSUnavailable):
+    """The kernel cannot replace a key already set (TLS 1.3 KeyUpdate needs Linux ≥ 6.14; older → ``EBUSY``)."""
+
+
+class OptionUnavailable(KernelTLSUnavailable):
+    """An optional kTLS socket option this kernel does not have (``ENOPROTOOPT``) or refuses here."""
+
+
+class KernelTLSFailure(KTLSError):
+    """A real failure of kernel TLS on this connection (not a missing feature)."""
+
+
+class KernelTLSConfigError(KernelTLSFailure):
+    """Setting up kernel TLS failed for a reason other than a missing feature (e.g. socket not connected)."""
+
+
+class RecordError(KernelTLSFailure):
+    """The kernel refused a received record. ``alert`` is what the peer should be told (RFC 8446 §6.2)."""
+
+    alert: AlertDescription = AlertDescription.internal_error
+
+
+class RecordAuthenticationError(RecordError):
+    """A received record failed AEAD authentication (``EBADMSG``): tampered, truncated, or wrong keys."""
+
+    alert = AlertDescription.bad_record_mac
+
+
+class RecordOverflowError(RecordError):
+    """A received record is longer than TLS allows (``EMSGSIZE``; RFC 8446 §5.2, RFC 5246 §6.2.3)."""
+
+    alert = AlertDescription.record_overflow
+
+
+class RecordHeaderError(RecordError):
+    """A received record header is malformed: wrong legacy version or impossible length (``EINVAL``)."""
+
+    alert = AlertDescription.decode_error
+
+
+class ControlRecordPending(KernelTLSFailure):
+    """A non-application record is next and the read had no room for its content type (``EIO``).
+
+    Reads on a kTLS RX socket must use ``recvmsg`` with a control buffer (see ``ktls.kernel.recv_record``).
+    """
+
+
+class RekeyPending(KernelTLSFailure):
+    """The peer sent a TLS 1.3 KeyUpdate; the kernel holds further records until a new RX key is set
+    (``EKEYEXPIRED``, Linux ≥ 6.14)."""

@@ -1,0 +1,287 @@
+"""The system calls of kernel TLS, each with its errors translated in one place.
+
+Theory of operation (see ``Documentation/networking/tls.rst`` in the kernel):
+
+1. ``setsockopt(SOL_TCP, TCP_ULP, "tls")`` on a *connected* TCP socket attaches the TLS upper-layer
+   protocol. Nothing changes on the wire yet.
+2. ``setsockopt(SOL_TLS, TLS_TX, crypto_info)`` makes every later ``send``/``sendfile`` go out as encrypted
+   records; ``TLS_RX`` makes the kernel parse and decrypt incoming records, starting at the socket's
+   current read position — so the TLS library must not have read past its last handshake record.
+3. Records of another content type than application data are sent with ``sendmsg`` and a
+   ``TLS_SET_RECORD_TYPE`` control message. Received non-data records are only returned by ``recvmsg``
+   with room for a ``TLS_GET_RECORD_TYPE`` control message; a plain ``recv`` fails with ``EIO`` when one is
+   next. One read never returns bytes of two records of different types.
+4. Setting ``TLS_TX``/``TLS_RX`` again replaces the key (TLS 1.3 KeyUpdate) on Linux ≥ 6.14; older kernels
+   answer ``EBUSY``. After receiving a KeyUpdate, Linux ≥ 6.14 returns ``EKEYEXPIRED`` until the new RX key
+   is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from ..constants import ContentType
+from ..errors import (
+    CipherUnavailable,
+    ControlRecordPending,
+    KernelTLSConfigError,
+    KernelTLSFailure,
+    KTLSError,
+    OptionUnavailable,
+    RecordAuthenticationError,
+    RecordHeaderError,
+    RecordOverflowError,
+    RekeyPending,
+    RekeyUnsupported,
+    ULPUnavailable,
+)
+from .uapi import (
+    CIPHERS,
+    SOL_TLS,
+    TCP_ULP,
+    TLS_GET_RECORD_TYPE,
+    TLS_RX_EXPECT_NO_PAD,
+    TLS_SET_RECORD_TYPE,
+    TLS_TX_MAX_PAYLOAD_LEN,
+    TLS_TX_ZEROCOPY_RO,
+    CryptoInfo,
+    Direction,
+)
+
+__all__ = [
+    "Record",
+    "get_crypto_info",
+    "get_rx_expect_no_pad",
+    "get_tx_max_payload_len",
+    "get_ulp",
+    "recv_record",
+    "recv_record_into",
+    "send_record",
+    "set_crypto_info",
+    "set_rx_expect_no_pad",
+    "set_tx_max_payload_len",
+    "set_tx_zerocopy_ro",
+    "setup_ulp",
+]
+
+#: Room for one ``TLS_GET_RECORD_TYPE`` control message (one byte of payload).
+_CMSG_SPACE = socket.CMSG_SPACE(1)
+#: Largest ``struct tls12_crypto_info_*``: the buffer ``getsockopt`` is given.
+_CRYPTO_INFO_MAX = max(c.struct_size for c in CIPHERS.values())
+
+
+class Record(NamedTuple):
+    """What one ``recvmsg`` on a kTLS RX socket returned."""
+
+    #: The record's content type; ``None`` when the kernel attached none: end of stream (``data == b""``),
+    #: or kernel RX is not configured on this socket (the bytes are raw TCP).
+    content_type: ContentType | int | None
+    data: bytes
+    #: ``MSG_EOR``: the kernel says this read ended a record (set for non-data records read whole).
+    end_of_record: bool
+
+
+@contextlib.contextmanager
+def _translate_errors(
+    operation: str, table: dict[int, tuple[type[KTLSError], str]], default: type[KTLSError]
+) -> Iterator[None]:
+    """Turn an ``OSError`` from ``operation`` into the ktls exception ``table`` names for its errno."""
+    try:
+        yield
+    except KTLSError:
+        raise
+    except (BlockingIOError, InterruptedError, TimeoutError):
+        raise  # not failures: the caller's non-blocking / timeout machinery handles them
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        cls, what = table.get(exc.errno, (default, f"{operation} failed"))
+        raise cls(exc.errno, what) from exc
+
+
+def setup_ulp(sock: socket.socket) -> None:
+    """Attach the kernel's ``tls`` upper-layer protocol to a connected TCP socket.
+
+    Raises :class:`~ktls.errors.ULPUnavailable` when the kernel has no kTLS (built without ``CONFIG_TLS``,
+    or the ``tls`` module cannot be loaded).
+    """
+    with _translate_errors(
+        "setsockopt(TCP_ULP, 'tls')",
+        {
+            errno.ENOENT: (
+                ULPUnavailable,
+                "this kernel has no TLS upper-layer protocol: it was built without CONFIG_TLS, "
+                "or the 'tls' module is not loaded and cannot be",
+            ),
+            errno.ENOTCONN: (KernelTLSConfigError, "the TLS ULP needs a connected TCP socket"),
+            errno.EEXIST: (KernelTLSConfigError, "an upper-layer protocol is already attached to this socket"),
+            errno.ENOPROTOOPT: (ULPUnavailable, "this kernel has no TCP upper-layer protocols (TCP_ULP)"),
+        },
+        KernelTLSConfigError,
+    ):
+        sock.setsockopt(socket.SOL_TCP, TCP_ULP, b"tls")
+
+
+def get_ulp(sock: socket.socket) -> str:
+    """The name of the upper-layer protocol attached to ``sock`` (``""`` when none)."""
+    raw = sock.getsockopt(socket.SOL_TCP, TCP_ULP, 16)
+    return raw.split(b"\0", 1)[0].decode("ascii")
+
+
+def set_crypto_info(sock: socket.socket, direction: Direction, info: CryptoInfo) -> None:
+    """Give the kernel the key for one direction (``setsockopt(SOL_TLS, TLS_TX/TLS_RX)``).
+
+    A second call for the same direction is a TLS 1.3 rekey (Linux ≥ 6.14).
+    """
+    what = f"{info.cipher.name} for {info.version.label} {direction.name}"
+    with _translate_errors(
+        f"setsockopt(SOL_TLS, TLS_{direction.name})",
+        {
+            errno.ENOENT: (CipherUnavailable, f"this kernel cannot load the crypto algorithm of {what}"),
+            errno.EINVAL: (CipherUnavailable, f"this kernel does not accept {what}"),
+            errno.EBUSY: (
+                RekeyUnsupported,
+                f"this kernel cannot replace the {direction.name} key (TLS 1.3 rekey needs Linux 6.14 or later)",
+            ),
+            errno.ENOPROTOOPT: (ULPUnavailable, "the TLS ULP is not attached to this socket (call setup_ulp)"),
+            errno.ENOTCONN: (KernelTLSConfigError, "kernel TLS needs a connected TCP socket"),
+            errno.EEXIST: (KernelTLSConfigError, f"{direction.name} is already configured on this socket"),
+        },
+        KernelTLSConfigError,
+    ):
+        sock.setsockopt(SOL_TLS, int(direction), info.pack())
+
+
+def get_crypto_info(sock: socket.socket, direction: Direction) -> CryptoInfo | None:
+    """Read back the kernel's crypto info for one direction, with its current sequence number and (TLS 1.2
+    GCM/CCM) next explicit nonce; ``None`` when that direction is not configured."""
+    with _translate_errors(
+        f"getsockopt(SOL_TLS, TLS_{direction.name})",
+        {errno.ENOPROTOOPT: (ULPUnavailable, "the TLS ULP is not attached to this socket")},
+        KernelTLSFailure,
+    ):
+        try:
+            raw = sock.getsockopt(SOL_TLS, int(direction), _CRYPTO_INFO_MAX)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:  # "crypto info not set yet" (net/tls/tls_main.c)
+                return None
+            raise
+    if len(raw) < 4 or raw[:4] == b"\0\0\0\0":
+        return None
+    return CryptoInfo.unpack(raw)
+
+
+_RECORD_IO_ERRORS: dict[int, tuple[type[KTLSError], str]] = {
+    errno.EBADMSG: (
+        RecordAuthenticationError,
+        "a received TLS record failed authentication (tampered, truncated, or wrong key/sequence number)",
+    ),
+    errno.EMSGSIZE: (RecordOverflowError, "a received TLS record is larger than TLS allows"),
+    errno.EINVAL: (RecordHeaderError, "a received TLS record header is malformed (wrong version or length)"),
+    errno.EKEYEXPIRED: (
+        RekeyPending,
+        "the peer updated its keys (TLS 1.3 KeyUpdate); the kernel waits for the new receive key",
+    ),
+    errno.EIO: (
+        ControlRecordPending,
+        "a non-application record is next and the read had no room for its content type",
+    ),
+}
+
+
+def _record_type(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> ContentType | int | None:
+    if msg_flags & socket.MSG_CTRUNC:
+        raise KernelTLSFailure(None, "the record type control message was truncated")
+    for level, kind, data in ancdata:
+        if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and len(data) == 1:
+            try:
+                return ContentType(data[0])
+            except ValueError:
+                return data[0]
+    return None
+
+
+def recv_record(sock: socket.socket, bufsize: int, flags: int = 0) -> Record:
+    """Receive up to ``bufsize`` bytes of one record with its content type (``recvmsg`` + cmsg)."""
+    with _translate_errors("recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure):
+        data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, _CMSG_SPACE, flags)
+    return Record(_record_type(ancdata, msg_flags), data, bool(msg_flags & socket.MSG_EOR))
+
+
+def recv_record_into(
+    sock: socket.socket, buffer: memoryview | bytearray, flags: int = 0
+) -> tuple[ContentType | int | None, int, bool]:
+    """Like :func:`recv_record`, into ``buffer``: returns (content type, bytes read, end of record)."""
+    with _translate_errors("recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure):
+        nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([buffer], _CMSG_SPACE, flags)
+    return _record_type(ancdata, msg_flags), nbytes, bool(msg_flags & socket.MSG_EOR)
+
+
+def send_record(sock: socket.socket, content_type: ContentType | int, data: bytes, flags: int = 0) -> int:
+    """Send ``data`` as records of ``content_type`` (``sendmsg`` + ``TLS_SET_RECORD_TYPE``).
+
+    Application data can go through plain ``send``; this is for alerts and handshake messages (KeyUpdate).
+    Returns the number of bytes accepted, like ``send``.
+    """
+    cmsg = [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes([int(content_type)]))]
+    with _translate_errors(
+        "sendmsg",
+        {errno.EINVAL: (KernelTLSConfigError, "the kernel refused the record (is TLS_TX configured?)")},
+        KernelTLSFailure,
+    ):
+        return sock.sendmsg([data], cmsg, flags)
+
+
+def _set_option(sock: socket.socket, option: int, name: str, value: int) -> None:
+    with _translate_errors(
+        f"setsockopt(SOL_TLS, {name})",
+        {
+            errno.ENOPROTOOPT: (OptionUnavailable, f"this kernel has no {name}"),
+            errno.EINVAL: (OptionUnavailable, f"the kernel refuses {name}={value} on this socket"),
+            errno.EOPNOTSUPP: (OptionUnavailable, f"{name} is not supported on this socket"),
+        },
+        KernelTLSConfigError,
+    ):
+        sock.setsockopt(SOL_TLS, option, value)
+
+
+def _get_option(sock: socket.socket, option: int, name: str) -> int:
+    with _translate_errors(
+        f"getsockopt(SOL_TLS, {name})",
+        {
+            errno.ENOPROTOOPT: (OptionUnavailable, f"this kernel has no {name}"),
+            errno.EINVAL: (OptionUnavailable, f"{name} cannot be read on this socket"),
+        },
+        KernelTLSConfigError,
+    ):
+        return sock.getsockopt(SOL_TLS, option)
+
+
+def set_rx_expect_no_pad(sock: socket.socket, enabled: bool = True) -> None:
+    """TLS 1.3 RX, Linux ≥ 6.0: promise that the peer does not pad records, so the kernel decrypts straight
+    into the caller's buffer. A padded record still works but costs a retry (``TlsDecryptRetry``); use only
+    with peers known not to pad. Must be set after ``TLS_RX``."""
+    _set_option(sock, TLS_RX_EXPECT_NO_PAD, "TLS_RX_EXPECT_NO_PAD", int(enabled))
+
+
+def get_rx_expect_no_pad(sock: socket.socket) -> bool:
+    return bool(_get_option(sock, TLS_RX_EXPECT_NO_PAD, "TLS_RX_EXPECT_NO_PAD"))
+
+
+def set_tx_max_payload_len(sock: socket.socket, length: int) -> None:
+    """Cap the plaintext per record the kernel sends (RFC 8449 ``record_size_limit``, late-2025 kernels)."""
+    _set_option(sock, TLS_TX_MAX_PAYLOAD_LEN, "TLS_TX_MAX_PAYLOAD_LEN", length)
+
+
+def get_tx_max_payload_len(sock: socket.socket) -> int:
+    return _get_option(sock, TLS_TX_MAX_PAYLOAD_LEN, "TLS_TX_MAX_PAYLOAD_LEN")
+
+
+def set_tx_zerocopy_ro(sock: socket.socket, enabled: bool = True) -> None:
+    """Let ``sendfile`` encrypt straight from the page cache (Linux ≥ 5.19; only device offload uses it).
+    The file must not change while it is being sent."""
+    _set_option(sock, TLS_TX_ZEROCOPY_RO, "TLS_TX_ZEROCOPY_RO", int(enabled))
