@@ -15,12 +15,13 @@ socket errors keeps working. Messages say what happened in words; they never con
 
 from __future__ import annotations
 
-import errno as _errno
+import errno
 import os
 
 from .constants import AlertDescription
 
 __all__ = [
+    "AlertReceived",
     "CipherUnavailable",
     "ControlRecordPending",
     "KTLSError",
@@ -28,12 +29,16 @@ __all__ = [
     "KernelTLSFailure",
     "KernelTLSUnavailable",
     "OptionUnavailable",
+    "PeerMisbehaved",
+    "RaggedEOF",
     "RecordAuthenticationError",
     "RecordError",
     "RecordHeaderError",
     "RecordOverflowError",
     "RekeyPending",
     "RekeyUnsupported",
+    "StreamClosed",
+    "TLSProtocolError",
     "ULPUnavailable",
 ]
 
@@ -51,7 +56,7 @@ class KTLSError(OSError):
     def __str__(self) -> str:
         if self.errno is None:
             return self.message
-        name = _errno.errorcode.get(self.errno, str(self.errno))
+        name = errno.errorcode.get(self.errno, str(self.errno))
         return f"{self.message} [{name}: {os.strerror(self.errno)}]"
 
 
@@ -119,3 +124,46 @@ class ControlRecordPending(KernelTLSFailure):
 class RekeyPending(KernelTLSFailure):
     """The peer sent a TLS 1.3 KeyUpdate; the kernel holds further records until a new RX key is set
     (``EKEYEXPIRED``, Linux ≥ 6.14)."""
+
+
+class TLSProtocolError(KTLSError):
+    """The TLS conversation itself broke. ``alert`` is the alert that was sent or received for it."""
+
+    alert: AlertDescription = AlertDescription.internal_error
+
+    def __init__(self, message: str, alert: AlertDescription | None = None) -> None:
+        super().__init__(None, message)
+        if alert is not None:
+            self.alert = alert
+
+
+class PeerMisbehaved(TLSProtocolError):
+    """The peer broke a rule of the protocol; we sent it the fatal ``alert`` and closed the connection."""
+
+
+class AlertReceived(TLSProtocolError):
+    """The peer sent a fatal alert (``alert``); the connection is over."""
+
+    def __init__(self, alert: AlertDescription | int) -> None:
+        try:
+            description = AlertDescription(alert)
+            name = description.name
+        except ValueError:
+            description, name = AlertDescription.internal_error, f"unknown alert {alert}"
+        super().__init__(f"the peer sent a fatal alert: {name}", description)
+        self.alert_code = int(alert)
+
+
+class RaggedEOF(TLSProtocolError):
+    """The TCP connection ended without a close_notify: the data may have been truncated by an attacker
+    (like :class:`ssl.SSLEOFError`)."""
+
+    def __init__(self) -> None:
+        super().__init__("the connection closed without a TLS close_notify (possible truncation)")
+
+
+class StreamClosed(KTLSError):
+    """The stream's write side is closed (close_notify sent, or the connection failed); nothing was sent."""
+
+    def __init__(self, message: str = "the TLS stream is closed for writing") -> None:
+        super().__init__(errno.EPIPE, message)

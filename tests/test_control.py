@@ -1,0 +1,222 @@
+"""The control-record state machine, fed plain bytes: every rule it enforces, with the alert it sends."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ktls.constants import AlertDescription, AlertLevel, ContentType, TLSVersion
+from ktls.control import (
+    Action,
+    ControlRecords,
+    Fail,
+    InstallKey,
+    ReadClosed,
+    Role,
+    SendAlert,
+    SendHandshake,
+    SessionTicket,
+    WriteClosed,
+    key_update_message,
+)
+from ktls.errors import (
+    AlertReceived,
+    PeerMisbehaved,
+    RecordAuthenticationError,
+    RekeyUnsupported,
+    StreamClosed,
+)
+from ktls.kernel import CipherType, CryptoInfo, Direction
+
+TLS12, TLS13 = TLSVersion.TLS1_2, TLSVersion.TLS1_3
+TICKET = bytes([4, 0, 0, 5]) + b"\x00\x00\x00\x10\x00"
+
+
+def next_key(direction: Direction) -> CryptoInfo:
+    return CryptoInfo.tls13(CipherType.AES_GCM_128, bytes([direction]) * 16, bytes(12))
+
+
+def machine(version: TLSVersion = TLS13, role: Role = Role.CLIENT, rekey: bool = True) -> ControlRecords:
+    return ControlRecords(version, role, next_key if rekey else None)
+
+
+def fatal(actions: list[Action], alert: AlertDescription) -> PeerMisbehaved:
+    assert actions[0] == SendAlert(AlertLevel.FATAL, alert)
+    assert isinstance(actions[1], Fail)
+    error = actions[1].error
+    assert isinstance(error, PeerMisbehaved)
+    assert error.alert is alert
+    return error
+
+
+def test_tls13_close_notify_closes_only_the_read_side() -> None:
+    state = machine(TLS13)
+    assert state.receive_record(ContentType.ALERT, b"\x01\x00") == [ReadClosed()]
+    assert state.read_closed
+    assert not state.write_closed
+    state.check_writable()
+
+
+def test_tls12_close_notify_is_answered_and_closes_both_ways() -> None:
+    state = machine(TLS12)
+    actions = state.receive_record(ContentType.ALERT, b"\x01\x00")
+    assert actions == [ReadClosed(), SendAlert(AlertLevel.WARNING, AlertDescription.close_notify), WriteClosed()]
+    with pytest.raises(StreamClosed):
+        state.check_writable()
+
+
+def test_our_close_notify_is_sent_once() -> None:
+    state = machine()
+    assert state.close_write() == [SendAlert(AlertLevel.WARNING, AlertDescription.close_notify), WriteClosed()]
+    assert state.close_write() == []
+    with pytest.raises(StreamClosed) as caught:
+        state.check_writable()
+    assert caught.value.errno is not None
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_fatal_alert_raises_with_its_name_and_sends_nothing(version: TLSVersion) -> None:
+    state = machine(version)
+    actions = state.receive_record(ContentType.ALERT, bytes([2, AlertDescription.handshake_failure]))
+    assert len(actions) == 1
+    assert isinstance(actions[0], Fail)
+    assert isinstance(actions[0].error, AlertReceived)
+    assert actions[0].error.alert is AlertDescription.handshake_failure
+    assert "handshake_failure" in str(actions[0].error)
+    # sticky
+    assert state.receive_record(ContentType.ALERT, b"\x01\x00") == actions
+
+
+def test_tls12_warnings_are_ignored_tls13_warnings_are_fatal() -> None:
+    assert machine(TLS12).receive_record(ContentType.ALERT, bytes([1, AlertDescription.no_renegotiation])) == []
+    actions = machine(TLS13).receive_record(ContentType.ALERT, bytes([1, AlertDescription.bad_certificate]))
+    assert isinstance(actions[0], Fail)
+    assert machine(TLS13).receive_record(ContentType.ALERT, bytes([1, AlertDescription.user_canceled])) == []
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x01", b"\x01\x00\x00"])
+def test_malformed_alert_is_a_decode_error(payload: bytes) -> None:
+    fatal(machine().receive_record(ContentType.ALERT, payload), AlertDescription.decode_error)
+
+
+def test_unknown_alert_level_in_tls12() -> None:
+    fatal(machine(TLS12).receive_record(ContentType.ALERT, b"\x07\x0a"), AlertDescription.illegal_parameter)
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_change_cipher_spec_and_unknown_types_are_unexpected(version: TLSVersion) -> None:
+    fatal(machine(version).receive_record(ContentType.CHANGE_CIPHER_SPEC, b"\x01"), AlertDescription.unexpected_message)
+    fatal(machine(version).receive_record(99, b"x"), AlertDescription.unexpected_message)
+
+
+def test_ticket_goes_to_the_client_and_is_refused_by_a_server() -> None:
+    assert machine(role=Role.CLIENT).receive_record(ContentType.HANDSHAKE, TICKET) == [SessionTicket(TICKET)]
+    fatal(machine(role=Role.SERVER).receive_record(ContentType.HANDSHAKE, TICKET), AlertDescription.unexpected_message)
+
+
+def test_ticket_split_across_records_is_reassembled() -> None:
+    state = machine()
+    assert state.receive_record(ContentType.HANDSHAKE, TICKET[:3]) == []
+    assert state.receive_record(ContentType.HANDSHAKE, TICKET[3:6]) == []
+    assert state.receive_record(ContentType.HANDSHAKE, TICKET[6:] + TICKET) == [SessionTicket(TICKET)] * 2
+
+
+def test_key_update_installs_the_next_rx_key() -> None:
+    state = machine()
+    assert state.receive_record(ContentType.HANDSHAKE, key_update_message(False)) == [
+        InstallKey(Direction.RX, next_key(Direction.RX))
+    ]
+    assert state.key_updates_received == 1
+
+
+def test_requested_key_update_is_answered_then_tx_rekeyed() -> None:
+    actions = machine().receive_record(ContentType.HANDSHAKE, key_update_message(True))
+    assert actions == [
+        InstallKey(Direction.RX, next_key(Direction.RX)),
+        SendHandshake(key_update_message(False)),
+        InstallKey(Direction.TX, next_key(Direction.TX)),
+    ]
+
+
+def test_key_update_must_end_its_record() -> None:
+    fatal(
+        machine().receive_record(ContentType.HANDSHAKE, key_update_message(False) + TICKET),
+        AlertDescription.unexpected_message,
+    )
+    fatal(
+        machine().receive_record(ContentType.HANDSHAKE, key_update_message(False) + b"\x04\x00"),
+        AlertDescription.unexpected_message,
+    )
+
+
+def test_bad_key_updates() -> None:
+    fatal(machine().receive_record(ContentType.HANDSHAKE, b"\x18\x00\x00\x01\x02"), AlertDescription.illegal_parameter)
+    fatal(machine().receive_record(ContentType.HANDSHAKE, b"\x18\x00\x00\x02\x00\x00"), AlertDescription.decode_error)
+
+
+def test_key_update_on_a_kernel_that_cannot_rekey_fails_clearly() -> None:
+    actions = machine(rekey=False).receive_record(ContentType.HANDSHAKE, key_update_message(False))
+    assert actions[0] == SendAlert(AlertLevel.FATAL, AlertDescription.internal_error)
+    assert isinstance(actions[1], Fail)
+    assert isinstance(actions[1].error, RekeyUnsupported)
+    assert "6.14" in str(actions[1].error)
+
+
+def test_our_key_update() -> None:
+    assert machine().key_update(request_peer_update=True) == [
+        SendHandshake(key_update_message(True)),
+        InstallKey(Direction.TX, next_key(Direction.TX)),
+    ]
+    with pytest.raises(RekeyUnsupported):
+        machine(rekey=False).key_update(request_peer_update=False)
+    with pytest.raises(ValueError, match="only in TLS 1"):
+        machine(TLS12).key_update(request_peer_update=False)
+
+
+def test_tls12_renegotiation_is_refused_with_a_warning() -> None:
+    refusal = [SendAlert(AlertLevel.WARNING, AlertDescription.no_renegotiation)]
+    client = machine(TLS12, Role.CLIENT)
+    assert client.receive_record(ContentType.HANDSHAKE, b"\x00\x00\x00\x00") == refusal
+    client.check_writable()  # still usable
+    hello = bytes([1, 0, 0, 4]) + b"\x03\x03\x00\x00"
+    assert machine(TLS12, Role.SERVER).receive_record(ContentType.HANDSHAKE, hello) == refusal
+    fatal(
+        machine(TLS12, Role.SERVER).receive_record(ContentType.HANDSHAKE, b"\x00\x00\x00\x00"),
+        AlertDescription.unexpected_message,
+    )
+
+
+@pytest.mark.parametrize("kind", [2, 8, 11, 13, 15, 20])
+def test_other_handshake_messages_are_unexpected(kind: int) -> None:
+    fatal(machine().receive_record(ContentType.HANDSHAKE, bytes([kind, 0, 0, 0])), AlertDescription.unexpected_message)
+
+
+def test_empty_handshake_record_is_unexpected() -> None:
+    fatal(machine().receive_record(ContentType.HANDSHAKE, b""), AlertDescription.unexpected_message)
+
+
+def test_kernel_record_error_sends_its_alert() -> None:
+    state = machine()
+    error = RecordAuthenticationError(74, "bad")
+    assert state.record_failed(error) == [SendAlert(AlertLevel.FATAL, AlertDescription.bad_record_mac), Fail(error)]
+    assert state.receive_record(ContentType.ALERT, b"\x01\x00") == [Fail(error)]
+
+
+@given(
+    version=st.sampled_from([TLS12, TLS13]),
+    role=st.sampled_from(list(Role)),
+    records=st.lists(st.tuples(st.sampled_from([20, 21, 22, 24, 0, 255]), st.binary(max_size=40)), max_size=8),
+)
+def test_any_input_gives_actions_or_a_typed_failure(
+    version: TLSVersion, role: Role, records: list[tuple[int, bytes]]
+) -> None:
+    """Whatever the peer sends, the machine answers with actions; once it fails it stays failed."""
+    state = machine(version, role)
+    failed = False
+    for content_type, payload in records:
+        actions = state.receive_record(content_type, payload)
+        if failed:
+            assert len(actions) == 1
+            assert isinstance(actions[0], Fail)
+        failed = failed or any(isinstance(a, Fail) for a in actions)
