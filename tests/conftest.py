@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from certs import CertFiles, make_cert
 from ktls.kernel import KernelSupport, probe
 
 IN_GUEST = bool(os.environ.get("KTLS_GUEST"))
@@ -51,3 +52,13 @@ def tcp_pair(listener: socket.socket) -> Iterator[tuple[socket.socket, socket.so
     server.settimeout(20)
     with client, server:
         yield client, server
+
+
+@pytest.fixture(scope="session")
+def rsa_cert(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
+    return make_cert(tmp_path_factory.mktemp("certs"), "rsa", "rsa")
+
+
+@pytest.fixture(scope="session")
+def ecdsa_cert(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
+    return make_cert(tmp_path_factory.mktemp("certs"), "ecdsa", "ecdsa")

@@ -1,0 +1,191 @@
+"""The hand-off parameters, proven on the host against a stock ``ssl.SSLSocket`` peer — no kernel needed.
+
+Our side runs the record-exact handshake driver with the in-memory key log; the peer is CPython's own
+``SSLSocket``. Then, instead of giving the keys to a kernel, we give them to the independent record layer
+(``reference_tls``): records it seals with our TX key, sequence number and explicit nonce must be accepted
+by the peer, and the peer's records must open with our RX key at our RX sequence number. A wrong secret,
+key schedule, sequence number or nonce fails here exactly as it would fail in the kernel.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from certs import CertFiles
+from ktls.constants import ContentType, TLSVersion
+from ktls.handshake import Handshake
+from ktls.kernel import CryptoInfo, Direction
+from ktls.keylog_capture import KeylogCapture
+from ktls.keys import ConnectionKeys
+from ktls.stream import _drive_handshake
+from reference_tls import TLS13, RecordProtection
+
+#: (TLS version, OpenSSL cipher string for TLS 1.2, certificate kind)
+CASES = [
+    (ssl.TLSVersion.TLSv1_3, None, "rsa"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES128-GCM-SHA256", "rsa"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES256-GCM-SHA384", "rsa"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-CHACHA20-POLY1305", "rsa"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256", "ecdsa"),
+    (ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-CCM", "ecdsa"),
+]
+
+
+def case_id(case: tuple[ssl.TLSVersion, str | None, str]) -> str:
+    return case[1] or case[0].name
+
+
+def contexts(version: ssl.TLSVersion, ciphers: str | None, cert: CertFiles) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert.cert, cert.key)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(cert.cert)
+    for ctx in (server, client):
+        ctx.minimum_version = ctx.maximum_version = version
+        if ciphers:
+            ctx.set_ciphers(ciphers)
+    return server, client
+
+
+def reference_for(info: CryptoInfo) -> RecordProtection:
+    """The independent record layer's state for a direction, from the kernel's crypto info fields."""
+    if info.version is TLSVersion.TLS1_3 or not info.salt:
+        version = TLS13 if info.version is TLSVersion.TLS1_3 else 0x0303
+        return RecordProtection(info.cipher_type, version, info.key, info.salt + info.iv, info.rec_seq)
+    return RecordProtection(info.cipher_type, 0x0303, info.key, info.salt, info.rec_seq, int.from_bytes(info.iv, "big"))
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname(), timeout=20)
+        theirs, _ = listener.accept()
+        theirs.settimeout(20)
+        with ours, theirs:
+            yield ours, theirs
+
+
+def recv_records(sock: socket.socket, count: int) -> list[bytes]:
+    records = []
+    for _ in range(count):
+        header = recv_exactly(sock, 5)
+        records.append(header + recv_exactly(sock, int.from_bytes(header[3:5], "big")))
+    return records
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "peer closed early"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("ours_is_server", [True, False], ids=["ours-server", "ours-client"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_handoff_keys_and_sequence_numbers(
+    pair: tuple[socket.socket, socket.socket],
+    rsa_cert: CertFiles,
+    ecdsa_cert: CertFiles,
+    case: tuple[ssl.TLSVersion, str | None, str],
+    ours_is_server: bool,
+) -> None:
+    version, ciphers, kind = case
+    server_ctx, client_ctx = contexts(version, ciphers, rsa_cert if kind == "rsa" else ecdsa_cert)
+    ours_ctx, peer_ctx = (server_ctx, client_ctx) if ours_is_server else (client_ctx, server_ctx)
+    ours, theirs = pair
+    peer_result: dict[str, object] = {}
+
+    def peer() -> None:
+        try:
+            tls = peer_ctx.wrap_socket(
+                theirs, server_side=not ours_is_server, server_hostname=None if not ours_is_server else "localhost"
+            )
+            tls.sendall(b"peer says hello")
+            peer_result["received"] = recv_exactly(tls, 17)
+            tls.sendall(b"peer says goodbye")
+            peer_result["ok"] = True
+        except Exception as exc:
+            peer_result["error"] = exc
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    capture = KeylogCapture.for_context(ours_ctx)
+    handshake = Handshake(ours_ctx, server_side=ours_is_server, server_hostname=None if ours_is_server else "localhost")
+    with capture.handshake():
+        _drive_handshake(ours, handshake)
+        result = handshake.result()
+        secrets = capture.take(result.client_random)
+    assert secrets is not None
+    keys = ConnectionKeys.from_handshake(result, secrets, server_side=ours_is_server)
+    tx = reference_for(keys.crypto_info(Direction.TX, result.tx_seq, result.tx_explicit_nonce))
+    rx = reference_for(keys.crypto_info(Direction.RX, result.rx_seq))
+
+    if version is ssl.TLSVersion.TLSv1_3:
+        # OpenSSL servers send 2 tickets in the step that completes the handshake: our TX starts after them.
+        assert result.tx_seq == (2 if ours_is_server else 0)
+        assert result.rx_seq == 0
+    else:
+        assert (result.tx_seq, result.rx_seq) == (1, 1)
+        assert (result.tx_explicit_nonce is not None) == ("CHACHA" not in (ciphers or ""))
+
+    # The peer's first records: tickets (TLS 1.3, to our client), then its data — opened with our RX.
+    tickets = 2 if version is ssl.TLSVersion.TLSv1_3 and not ours_is_server else 0
+    opened = [rx.open(r) for r in recv_records(ours, tickets + 1)]
+    assert [r.content_type for r in opened] == [ContentType.HANDSHAKE] * tickets + [ContentType.APPLICATION_DATA]
+    assert opened[-1].plaintext == b"peer says hello"
+    # Our record, sealed with our TX: the stock ssl peer must accept it.
+    ours.sendall(tx.seal(ContentType.APPLICATION_DATA, b"ours says hello!!"))
+    opened = [rx.open(r) for r in recv_records(ours, 1)]
+    assert opened[0].plaintext == b"peer says goodbye"
+    thread.join(10)
+    assert peer_result.get("ok"), peer_result.get("error")
+    assert peer_result["received"] == b"ours says hello!!"
+
+
+def test_secrets_are_consumed_and_memory_is_bounded(
+    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles
+) -> None:
+    server_ctx, client_ctx = contexts(ssl.TLSVersion.TLSv1_3, None, rsa_cert)
+    capture = KeylogCapture.for_context(client_ctx)
+    assert KeylogCapture.for_context(client_ctx) is capture
+    ours, theirs = pair
+    thread = threading.Thread(target=lambda: server_ctx.wrap_socket(theirs, server_side=True), daemon=True)
+    thread.start()
+    handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost")
+    with capture.handshake():
+        _drive_handshake(ours, handshake)
+        secrets = capture.take(handshake.result().client_random)
+        assert secrets is not None
+        assert capture.take(handshake.result().client_random) is None  # taken once
+    thread.join(10)
+    assert len(capture) == 0
+    assert capture.size == 0  # truncated once no handshake is in flight
+    for secret in secrets.secrets.values():
+        assert bytes(secret).hex() not in repr(secrets)
+
+
+def test_user_keylog_file_keeps_working(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles
+) -> None:
+    user_log = tmp_path / "sslkeylog.txt"
+    server_ctx, client_ctx = contexts(ssl.TLSVersion.TLSv1_3, None, rsa_cert)
+    client_ctx.keylog_filename = str(user_log)
+    capture = KeylogCapture.for_context(client_ctx)
+    ours, theirs = pair
+    thread = threading.Thread(target=lambda: server_ctx.wrap_socket(theirs, server_side=True), daemon=True)
+    thread.start()
+    handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost")
+    with capture.handshake():
+        _drive_handshake(ours, handshake)
+        assert capture.take(handshake.result().client_random) is not None
+    thread.join(10)
+    text = user_log.read_text()
+    assert f"CLIENT_TRAFFIC_SECRET_0 {handshake.result().client_random.hex()}" in text
