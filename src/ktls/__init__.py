@@ -7,6 +7,7 @@ are handed to the kernel, which then encrypts and decrypts every record of a pla
 from . import errors, kernel
 from .constants import AlertDescription, AlertLevel, ContentType, TLSVersion
 from .errors import KernelTLSFailure, KernelTLSUnavailable, KTLSError
+from .stream import Stream, wrap_socket
 
 __version__ = "0.1.0"
 
@@ -17,8 +18,10 @@ __all__ = [
     "KTLSError",
     "KernelTLSFailure",
     "KernelTLSUnavailable",
+    "Stream",
     "TLSVersion",
     "__version__",
     "errors",
     "kernel",
+    "wrap_socket",
 ]

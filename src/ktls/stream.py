@@ -554,10 +554,25 @@ class Stream:
         try:
             if self._control.error is None and not self._control.write_closed:
                 self._close_notify()
+            self._discard_unread()
         except OSError:
             pass
         finally:
             self._sock.close()
+
+    def _discard_unread(self) -> None:
+        """Read what already arrived (typically TLS 1.3 tickets nobody asked for): closing a socket with
+        unread data makes the kernel send a reset, which can destroy our last records at the peer."""
+        for _ in range(64):
+            try:
+                if self.kernel_rx:
+                    record = syscalls.recv_record(self._sock, _RECORD_BUFFER, socket.MSG_DONTWAIT)
+                    if not record.data and record.content_type is None:
+                        return
+                elif not self._sock.recv(_RECORD_BUFFER, socket.MSG_DONTWAIT):
+                    return
+            except OSError:
+                return
 
     def detach(self) -> int:
         raise NotImplementedError("a kernel TLS socket cannot be detached")

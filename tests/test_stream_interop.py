@@ -1,0 +1,242 @@
+"""ktls streams against peers we did not write: ``openssl s_server`` and ``openssl s_client``.
+
+Every byte our side sends is encrypted by the kernel and every byte it receives is decrypted by the kernel;
+the peer is OpenSSL's own command-line tool, so a wrong key, sequence number or nonce cannot cancel out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import ktls
+from certs import CertFiles
+from ktls.errors import RekeyUnsupported
+from ktls.kernel import KernelSupport, read_tls_stat
+
+pytestmark = pytest.mark.kernel
+
+MIB = 1024 * 1024
+TLS13_SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
+TLS12_SUITES = [
+    ("ECDHE-RSA-AES128-GCM-SHA256", "rsa"),
+    ("ECDHE-RSA-AES256-GCM-SHA384", "rsa"),
+    ("ECDHE-RSA-CHACHA20-POLY1305", "rsa"),
+    ("ECDHE-ECDSA-AES128-GCM-SHA256", "ecdsa"),
+    ("ECDHE-ECDSA-AES128-CCM", "ecdsa"),
+]
+#: (id, openssl version flag, openssl suite option, python TLS version, python cipher string, cert kind)
+CASES = [(s, "-tls1_3", ["-ciphersuites", s], ssl.TLSVersion.TLSv1_3, None, "rsa") for s in TLS13_SUITES] + [
+    (s, "-tls1_2", ["-cipher", s], ssl.TLSVersion.TLSv1_2, s, kind) for s, kind in TLS12_SUITES
+]
+Case = tuple[str, str, list[str], ssl.TLSVersion, "str | None", str]
+
+
+def free_port() -> int:
+    with socket.socket() as probe_sock:
+        probe_sock.bind(("127.0.0.1", 0))
+        port: int = probe_sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"openssl exited early with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError("openssl s_server did not start")
+
+
+def cert_for(kind: str, rsa_cert: CertFiles, ecdsa_cert: CertFiles) -> CertFiles:
+    return rsa_cert if kind == "rsa" else ecdsa_cert
+
+
+def client_context(case: Case, cert: CertFiles) -> ssl.SSLContext:
+    _, _, _, version, ciphers, _ = case
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cert.cert)
+    context.minimum_version = context.maximum_version = version
+    if ciphers:
+        context.set_ciphers(ciphers)
+    return context
+
+
+def server_context(case: Case, cert: CertFiles) -> ssl.SSLContext:
+    _, _, _, version, ciphers, _ = case
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert.cert, cert.key)
+    context.minimum_version = context.maximum_version = version
+    if ciphers:
+        context.set_ciphers(ciphers)
+    return context
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("www") / "big.bin"
+    path.write_bytes(os.urandom(3 * MIB + 12345))
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def s_server_www(
+    request: pytest.FixtureRequest, big_file: Path, rsa_cert: CertFiles, ecdsa_cert: CertFiles
+) -> Iterator[tuple[int, Case]]:
+    case: Case = request.param
+    cert = cert_for(case[5], rsa_cert, ecdsa_cert)
+    port = free_port()
+    command = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert.cert), "-key", str(cert.key)]
+    command += [case[1], *case[2], "-WWW", "-quiet"]
+    with subprocess.Popen(command, cwd=big_file.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as server:
+        try:
+            wait_for_port(port, server)
+            yield port, case
+        finally:
+            server.kill()
+
+
+@pytest.mark.parametrize("s_server_www", CASES, ids=[c[0] for c in CASES], indirect=True)
+def test_our_client_downloads_from_openssl_s_server(
+    support: KernelSupport,
+    s_server_www: tuple[int, Case],
+    big_file: Path,
+    rsa_cert: CertFiles,
+    ecdsa_cert: CertFiles,
+) -> None:
+    port, case = s_server_www
+    context = client_context(case, cert_for(case[5], rsa_cert, ecdsa_cert))
+    # The wait_for_port probe was one connection; this is the real one.
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with ktls.wrap_socket(sock, context, server_hostname="localhost", require_kernel=True) as stream:
+        assert stream.kernel_tx
+        assert stream.fallback_reason is None
+        assert stream.cipher() is not None
+        assert case[0] in (stream.cipher() or ("",))[0] or case[3] is ssl.TLSVersion.TLSv1_3
+        stream.sendall(b"GET /big.bin HTTP/1.0\r\n\r\n")
+        received = bytearray()
+        while chunk := stream.recv(65536):
+            received += chunk
+        assert stream.kernel_rx, "the kernel should have taken over receiving"
+        assert not stream.ragged_eof, "s_server ends -WWW responses with close_notify"
+    header, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert header.startswith(b"HTTP/1.0 200")
+    assert sha256(body) == sha256(big_file.read_bytes())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_our_server_with_openssl_s_client(
+    support: KernelSupport, case: Case, rsa_cert: CertFiles, ecdsa_cert: CertFiles, tmp_path: Path
+) -> None:
+    cert = cert_for(case[5], rsa_cert, ecdsa_cert)
+    context = server_context(case, cert)
+    upload = os.urandom(MIB + 777)
+    download = os.urandom(2 * MIB + 4321)
+    (tmp_path / "upload").write_bytes(upload)
+    received = bytearray()
+    errors: list[BaseException] = []
+    before = read_tls_stat() or {}
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            try:
+                sock, _ = listener.accept()
+                sock.settimeout(60)
+                with ktls.wrap_socket(sock, context, server_side=True, require_kernel=True) as stream:
+                    assert stream.kernel_tx
+                    assert stream.kernel_rx
+                    stream.sendall(download)
+                    while len(received) < len(upload):
+                        chunk = stream.recv(65536)
+                        if not chunk:
+                            break
+                        received.extend(chunk)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        command = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(cert.cert), case[1]]
+        command += [*case[2], "-quiet", "-servername", "localhost"]
+        with (tmp_path / "upload").open("rb") as stdin:
+            result = subprocess.run(command, stdin=stdin, capture_output=True, timeout=120, check=False)
+        thread.join(60)
+    assert not errors, errors
+    assert sha256(bytes(received)) == sha256(upload)
+    assert sha256(result.stdout) == sha256(download), result.stderr.decode(errors="replace")[-2000:]
+    after = read_tls_stat() or {}
+    assert after.get("TlsTxSw", 0) > before.get("TlsTxSw", 0)
+
+
+def test_peer_key_update_with_s_client(support: KernelSupport, rsa_cert: CertFiles, tmp_path: Path) -> None:
+    """``openssl s_client``'s ``K`` command: a KeyUpdate asking for ours. On ≥ 6.14 both directions rekey and
+    the data after it flows; before, the stream fails with a clear error instead of an opaque EBADMSG."""
+    case: Case = ("TLS_AES_128_GCM_SHA256", "-tls1_3", [], ssl.TLSVersion.TLSv1_3, None, "rsa")
+    context = server_context(case, rsa_cert)
+    outcome: dict[str, object] = {}
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            try:
+                sock, _ = listener.accept()
+                sock.settimeout(60)
+                with ktls.wrap_socket(sock, context, server_side=True, require_kernel=True) as stream:
+                    data = b""
+                    while b"after" not in data:
+                        chunk = stream.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    outcome["data"] = data
+                    stream.sendall(b"reply under the new key\n")
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        command = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(rsa_cert.cert)]
+        command += ["-tls1_3", "-servername", "localhost", "-ign_eof"]
+        with subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ) as client:
+            assert client.stdin is not None
+            client.stdin.write(b"before\n")
+            client.stdin.flush()
+            time.sleep(1)
+            client.stdin.write(b"K\n")
+            client.stdin.flush()
+            time.sleep(1)
+            client.stdin.write(b"after\n")
+            client.stdin.flush()
+            thread.join(60)
+            time.sleep(1)
+            client.kill()
+            output = client.stdout.read() if client.stdout else b""
+    if support.rekey:
+        assert "error" not in outcome, outcome
+        assert outcome["data"] == b"before\nafter\n"
+        assert b"reply under the new key" in output
+    else:
+        assert isinstance(outcome.get("error"), RekeyUnsupported), outcome
+        assert "6.14" in str(outcome["error"])
