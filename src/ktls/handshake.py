@@ -25,21 +25,16 @@ raises, so the peer learns why.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ssl
 
-from .constants import RECORD_HEADER_SIZE, ContentType, HandshakeType, TLSVersion
-from .errors import PeerMisbehaved
+from .constants import ContentType, HandshakeType, TLSVersion
+from .tls.errors import TLSProtocolError
+from .tls.records import RecordReader, client_random_from_client_hello, server_random_from_server_hello
 from .tls.suites import suite_by_openssl_name
 
 __all__ = ["Handshake", "HandshakeResult"]
-
-#: Plaintext handshake records are at most 2^14 bytes (RFC 8446 §5.1); encrypted ones a little more.
-_MAX_HANDSHAKE_RECORD = 2**14 + 2048
-#: Offset of the 32-byte random in a ClientHello/ServerHello record: record header (5), handshake type (1),
-#: length (3), legacy_version (2).
-_RANDOM_OFFSET = RECORD_HEADER_SIZE + 4 + 2
-_RANDOM_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,46 +52,34 @@ class HandshakeResult:
     tx_explicit_nonce: int | None
 
 
-def _hello_random(record: bytes, kind: HandshakeType) -> bytes | None:
-    """The random of a plaintext ClientHello/ServerHello that starts ``record``."""
-    if record[0] != ContentType.HANDSHAKE or len(record) < _RANDOM_OFFSET + _RANDOM_SIZE or record[5] != kind:
-        return None
-    return record[_RANDOM_OFFSET : _RANDOM_OFFSET + _RANDOM_SIZE]
-
-
 class _RecordScanner:
     """Cuts one direction's byte stream into records and remembers what the hand-off needs from them."""
 
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self.hello_random: bytes | None = None  # of the last Client/ServerHello seen
+    def __init__(self, hello: HandshakeType) -> None:
+        self._reader = RecordReader()
+        self._hello = hello
+        self.hello_random: bytes | None = None  # of the last Client/ServerHello (after an HRR: the real one)
         self.seen_change_cipher_spec = False
         self.finished_explicit_nonce: bytes | None = None  # TLS 1.2: first 8 body bytes of the record after CCS
         self.records = 0
 
-    def feed(self, data: bytes, hello: HandshakeType) -> list[bytes]:
-        self._buffer += data
-        records = []
-        while len(self._buffer) >= RECORD_HEADER_SIZE:
-            length = int.from_bytes(self._buffer[3:5], "big")
-            end = RECORD_HEADER_SIZE + length
-            if len(self._buffer) < end:
-                break
-            record = bytes(self._buffer[:end])
-            del self._buffer[:end]
-            records.append(record)
-            self._note(record, hello)
-        return records
+    def feed(self, data: bytes) -> None:
+        self._reader.feed(data)
+        for record in self._reader:
+            self.records += 1
+            if record.content_type is ContentType.HANDSHAKE and not self.seen_change_cipher_spec:
+                with contextlib.suppress(TLSProtocolError):  # not a hello: some other handshake record
+                    self.hello_random = _hello_random(bytes(record), self._hello) or self.hello_random
+            if record.content_type is ContentType.CHANGE_CIPHER_SPEC:
+                self.seen_change_cipher_spec = True
+            elif self.seen_change_cipher_spec and self.finished_explicit_nonce is None:
+                self.finished_explicit_nonce = record.fragment[:8]
 
-    def _note(self, record: bytes, hello: HandshakeType) -> None:
-        self.records += 1
-        random = _hello_random(record, hello)
-        if random is not None:
-            self.hello_random = random
-        if record[0] == ContentType.CHANGE_CIPHER_SPEC:
-            self.seen_change_cipher_spec = True
-        elif self.seen_change_cipher_spec and self.finished_explicit_nonce is None:
-            self.finished_explicit_nonce = record[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + 8]
+
+def _hello_random(record: bytes, hello: HandshakeType) -> bytes | None:
+    if hello is HandshakeType.CLIENT_HELLO:
+        return client_random_from_client_hello(record)
+    return server_random_from_server_hello(record)
 
 
 class Handshake:
@@ -123,9 +106,10 @@ class Handshake:
         )
         self.server_side = server_side
         self.complete = False
-        self._record = bytearray()  # the incoming record being assembled
-        self._sent = _RecordScanner()
-        self._received = _RecordScanner()
+        self._incoming_records = RecordReader()  # the incoming record being assembled
+        ours, theirs = HandshakeType.CLIENT_HELLO, HandshakeType.SERVER_HELLO
+        self._sent = _RecordScanner(theirs if server_side else ours)
+        self._received = _RecordScanner(ours if server_side else theirs)
         self._unsent = bytearray()
         #: Records OpenSSL wrote during the latest :meth:`step` (TLS 1.3 server: its tickets).
         self.last_step_records = 0
@@ -134,33 +118,26 @@ class Handshake:
 
     def bytes_needed(self) -> int:
         """How many more bytes complete the current incoming record (never more: see the module docstring)."""
-        if len(self._record) < RECORD_HEADER_SIZE:
-            return RECORD_HEADER_SIZE - len(self._record)
-        length = int.from_bytes(self._record[3:5], "big")
-        return RECORD_HEADER_SIZE + length - len(self._record)
+        return self._incoming_records.bytes_needed
 
     def receive(self, data: bytes) -> bytes | None:
         """Bytes read from the socket: at most :meth:`bytes_needed`. ``b""`` means the peer closed.
 
-        Returns the record once it is whole (it has then been given to OpenSSL), else ``None``.
+        Returns the record once it is whole (it has then been given to OpenSSL), else ``None``. A malformed
+        record header raises :class:`~ktls.errors.PeerMisbehaved` with the alert to send.
         """
         if not data:
             raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the peer closed the connection during the TLS handshake")
         if len(data) > self.bytes_needed():
             raise ValueError("received past the end of the current record")
-        self._record += data
-        if len(self._record) == RECORD_HEADER_SIZE:
-            length = int.from_bytes(self._record[3:5], "big")
-            if length > _MAX_HANDSHAKE_RECORD:
-                raise PeerMisbehaved(f"a handshake record of {length} bytes is larger than TLS allows")
-        if len(self._record) >= RECORD_HEADER_SIZE and self.bytes_needed() == 0:
-            record = bytes(self._record)
-            self._record.clear()
-            hello = HandshakeType.CLIENT_HELLO if self.server_side else HandshakeType.SERVER_HELLO
-            self._received.feed(record, hello)
-            self.incoming.write(record)
-            return record
-        return None
+        self._incoming_records.feed(data)
+        record = self._incoming_records.next_record()
+        if record is None:
+            return None
+        raw = bytes(record)
+        self._received.feed(raw)
+        self.incoming.write(raw)
+        return raw
 
     # -- stepping -----------------------------------------------------------------------------------------------
 
@@ -184,8 +161,7 @@ class Handshake:
     def _drain_output(self) -> None:
         if self.outgoing.pending:
             data = self.outgoing.read()
-            hello = HandshakeType.SERVER_HELLO if self.server_side else HandshakeType.CLIENT_HELLO
-            self._sent.feed(data, hello)
+            self._sent.feed(data)
             self._unsent += data
 
     def data_to_send(self) -> bytes:
