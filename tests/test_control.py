@@ -220,3 +220,15 @@ def test_any_input_gives_actions_or_a_typed_failure(
             assert len(actions) == 1
             assert isinstance(actions[0], Fail)
         failed = failed or any(isinstance(a, Fail) for a in actions)
+
+
+def test_key_update_flood_is_refused() -> None:
+    from ktls.control import MAX_KEY_UPDATES_WITHOUT_DATA
+
+    state = machine()
+    for _ in range(MAX_KEY_UPDATES_WITHOUT_DATA):
+        assert isinstance(state.receive_record(ContentType.HANDSHAKE, key_update_message(False))[0], InstallKey)
+    state.application_data_received()
+    for _ in range(MAX_KEY_UPDATES_WITHOUT_DATA):
+        state.receive_record(ContentType.HANDSHAKE, key_update_message(True))
+    fatal(state.receive_record(ContentType.HANDSHAKE, key_update_message(False)), AlertDescription.unexpected_message)

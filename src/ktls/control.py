@@ -64,6 +64,10 @@ __all__ = [
 
 log = logging.getLogger("ktls")
 
+#: KeyUpdates accepted in a row with no application data between them. Each costs two setsockopt calls and,
+#: when requested, a KeyUpdate of ours: a peer sending nothing else is flooding us (RFC 8446 sets no limit;
+#: this mirrors the caps TLS stacks apply to post-handshake messages).
+MAX_KEY_UPDATES_WITHOUT_DATA = 32
 #: Largest post-handshake message we buffer across records. NewSessionTicket is the only large one: its
 #: ticket is at most 2^16-1 bytes plus a few fields (RFC 8446 §4.6.1).
 MAX_HANDSHAKE_MESSAGE = 2**16 + 1024
@@ -144,6 +148,7 @@ class ControlRecords:
         self.error: KTLSError | None = None
         #: Counters, for tests and ``ktls stat``.
         self.key_updates_received = 0
+        self.key_updates_since_data = 0
         self.tickets_received = 0
 
     # -- receiving ---------------------------------------------------------------------------------------------
@@ -270,11 +275,21 @@ class ControlRecords:
             )
             return [SendAlert(AlertLevel.FATAL, AlertDescription.internal_error), Fail(self.error)]
         self.key_updates_received += 1
+        self.key_updates_since_data += 1
+        if self.key_updates_since_data > MAX_KEY_UPDATES_WITHOUT_DATA:
+            return self._abort(
+                AlertDescription.unexpected_message,
+                f"more than {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without application data",
+            )
         actions: list[Action] = [InstallKey(Direction.RX, self._next_key(Direction.RX))]
         if body[0] == 1 and not self.write_closed:
             # update_requested: answer with update_not_requested under the old key, then switch (§4.6.3).
             actions += self.key_update(request_peer_update=False)
         return actions
+
+    def application_data_received(self) -> None:
+        """Application data arrived: KeyUpdates before it were not a flood."""
+        self.key_updates_since_data = 0
 
     # -- sending -------------------------------------------------------------------------------------------------
 

@@ -120,7 +120,14 @@ def wrap_socket(
     handshake = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
     if capture is None:
         _drive_handshake(sock, handshake)
-        return Stream(sock, handshake, None, fallback_reason=reason, suppress_ragged_eofs=suppress_ragged_eofs)
+        return Stream(
+            sock,
+            handshake,
+            None,
+            server_side=server_side,
+            fallback_reason=reason,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+        )
     with capture.handshake():
         _drive_handshake(sock, handshake)
         result = handshake.result()
@@ -137,8 +144,17 @@ def wrap_socket(
         if require_kernel:
             sock.close()
             raise
-        return Stream(sock, handshake, None, fallback_reason=str(exc), suppress_ragged_eofs=suppress_ragged_eofs)
-    stream = Stream(sock, handshake, keys, result=result, suppress_ragged_eofs=suppress_ragged_eofs)
+        return Stream(
+            sock,
+            handshake,
+            None,
+            server_side=server_side,
+            fallback_reason=str(exc),
+            suppress_ragged_eofs=suppress_ragged_eofs,
+        )
+    stream = Stream(
+        sock, handshake, keys, server_side=server_side, result=result, suppress_ragged_eofs=suppress_ragged_eofs
+    )
     if require_kernel and not (stream.kernel_tx and (stream.kernel_rx or stream._rx_deferred)):
         stream.close()
         raise KernelTLSUnavailable(None, stream.fallback_reason or "the kernel did not take over")
@@ -185,16 +201,18 @@ class Stream:
     def __init__(
         self,
         sock: socket.socket,
-        handshake: Handshake,
+        handshake: Handshake | None,
         keys: ConnectionKeys | None,
         *,
+        server_side: bool,
         result: HandshakeResult | None = None,
         fallback_reason: str | None = None,
         suppress_ragged_eofs: bool = True,
     ) -> None:
+        """Use :func:`wrap_socket` or :meth:`from_keys`; this constructor is theirs."""
         self._sock = sock
         self._handshake = handshake
-        self._sslobj = handshake.ssl_object
+        self._sslobj = handshake.ssl_object if handshake is not None else None
         self._keys = keys
         self.fallback_reason = fallback_reason
         self.suppress_ragged_eofs = suppress_ragged_eofs
@@ -210,11 +228,56 @@ class Stream:
         self._tx_records_bound = 0
         self.record_limit = None
         self._read_closed = False
-        role = Role.SERVER if handshake.server_side else Role.CLIENT
-        version = TLSVersion.TLS1_3 if self._sslobj.version() == "TLSv1.3" else TLSVersion.TLS1_2
+        role = Role.SERVER if server_side else Role.CLIENT
+        if result is not None:
+            version = result.version
+        else:
+            version = TLSVersion.TLS1_3 if self._ssl().version() == "TLSv1.3" else TLSVersion.TLS1_2
         self._control = ControlRecords(version, role, None)
         if keys is not None and result is not None:
             self._hand_off(keys, result)
+
+    @classmethod
+    def from_keys(
+        cls,
+        sock: socket.socket,
+        keys: ConnectionKeys,
+        *,
+        server_side: bool,
+        tx_seq: int,
+        rx_seq: int,
+        tx_explicit_nonce: int | None = None,
+        early_data: bytes = b"",
+        suppress_ragged_eofs: bool = True,
+    ) -> Stream:
+        """A kernel TLS stream for a handshake done elsewhere (another TLS library): ``keys`` with the
+        sequence numbers of the next record each way, and plaintext already decrypted to deliver first.
+
+        Both directions must go to the kernel (there is no userspace TLS to fall back to): raises
+        :class:`~ktls.errors.KernelTLSUnavailable` otherwise, and the socket is left as it was given.
+        """
+        suite = keys.suite
+        result = HandshakeResult(suite.version, suite.openssl_name, b"", b"", tx_seq, rx_seq, tx_explicit_nonce)
+        stream = cls(
+            sock, None, keys, server_side=server_side, result=result, suppress_ragged_eofs=suppress_ragged_eofs
+        )
+        if not stream.kernel_rx and stream._rx_deferred:
+            stream._hand_off_rx(rx_seq)
+        if not (stream.kernel_tx and stream.kernel_rx):
+            raise KernelTLSUnavailable(None, stream.fallback_reason or "the kernel did not take both directions")
+        stream._plaintext += early_data
+        return stream
+
+    def _ssl(self) -> ssl.SSLObject:
+        """OpenSSL's connection object: for userspace TLS, and for what it knows about the handshake."""
+        if self._sslobj is None:
+            raise KernelTLSUnavailable(None, "this stream was built from keys: it has no userspace TLS")
+        return self._sslobj
+
+    def _handshake_state(self) -> Handshake:
+        if self._handshake is None:
+            raise KernelTLSUnavailable(None, "this stream was built from keys: it has no userspace TLS")
+        return self._handshake
 
     # -- the hand-off ---------------------------------------------------------------------------------------------
 
@@ -300,6 +363,8 @@ class Stream:
             self._run(self._control.record_failed(exc))
             raise  # pragma: no cover - _run raised
         if record.content_type == ContentType.APPLICATION_DATA:
+            if self._control.key_updates_since_data:
+                self._control.application_data_received()
             if len(record.data) > bufsize:
                 self._plaintext += record.data[bufsize:]
                 return record.data[:bufsize]
@@ -322,7 +387,7 @@ class Stream:
     def _read_userspace(self, bufsize: int) -> bytes | None:
         """OpenSSL reads (fallback, or receive left in user space)."""
         try:
-            return self._sslobj.read(bufsize)
+            return self._ssl().read(bufsize)
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
@@ -333,23 +398,23 @@ class Stream:
             return self._tcp_eof()
         data = self._sock.recv(65536)
         if not data:
-            self._handshake.incoming.write_eof()
+            self._handshake_state().incoming.write_eof()
         else:
-            self._handshake.incoming.write(data)
+            self._handshake_state().incoming.write(data)
         return None
 
     def _read_deferred(self, bufsize: int) -> bytes | None:
         """TLS 1.3 client between handshake and first application record: OpenSSL reads, one record at a
         time, so that tickets reach ``session`` and the kernel can start exactly at the next record."""
-        data = self._sock.recv(self._handshake.bytes_needed())
+        data = self._sock.recv(self._handshake_state().bytes_needed())
         if not data:
             return self._tcp_eof()
-        record = self._handshake.receive(data)
+        record = self._handshake_state().receive(data)
         if record is None:
             return None  # the record is not whole yet
         self._deferred_records += 1
         try:
-            plaintext = self._sslobj.read(bufsize)
+            plaintext = self._ssl().read(bufsize)
         except ssl.SSLWantReadError:
             self._after_deferred_control_record(len(record) - 5)
             return None
@@ -358,17 +423,17 @@ class Stream:
             self._control.read_closed = True
             return b""
         # The first application record: everything after it is the kernel's.
-        while self._sslobj.pending():
-            self._plaintext += self._sslobj.read(self._sslobj.pending())
+        while self._ssl().pending():
+            self._plaintext += self._ssl().read(self._ssl().pending())
         self._hand_off_rx(self._deferred_records)
         return plaintext
 
     def _after_deferred_control_record(self, ciphertext_length: int) -> None:
-        wrote = self._handshake.outgoing.pending
+        wrote = self._handshake_state().outgoing.pending
         if wrote:
             # OpenSSL answered something (a KeyUpdate with update_requested) under a send key the kernel
             # now owns: its bytes must never reach the wire. We answer ourselves below.
-            self._handshake.outgoing.read()
+            self._handshake_state().outgoing.read()
         if ciphertext_length < _KEY_UPDATE_MAX_CIPHERTEXT and self._keys is not None and self._keys.can_update:
             # A KeyUpdate: OpenSSL switched to the next receive generation, and so do we (seq restarts).
             self._keys.next_key(Direction.RX)
@@ -403,8 +468,8 @@ class Stream:
     def _send_userspace(self, data: bytes | bytearray | memoryview) -> int:
         if self._userspace_unsent:
             self._flush_userspace()
-        written = self._sslobj.write(data)
-        self._userspace_unsent += self._handshake.outgoing.read()
+        written = self._ssl().write(data)
+        self._userspace_unsent += self._handshake_state().outgoing.read()
         try:
             self._flush_userspace()
         except (BlockingIOError, TimeoutError):
@@ -536,10 +601,10 @@ class Stream:
             self._run([a for a in actions if not isinstance(a, WriteClosed)])
             return
         try:
-            self._sslobj.unwrap()
+            self._ssl().unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
             pass
-        self._userspace_unsent += self._handshake.outgoing.read()
+        self._userspace_unsent += self._handshake_state().outgoing.read()
         self._flush_userspace()
 
     def close(self) -> None:
@@ -656,54 +721,61 @@ class Stream:
             self._real_close()
 
     # -- TLS information -----------------------------------------------------------------------------------------
+    # What ssl.SSLSocket tells; a stream built from keys knows only its version and cipher suite.
 
     def version(self) -> str | None:
+        if self._sslobj is None:
+            return self._control.version.label
         return self._sslobj.version()
 
     def cipher(self) -> tuple[str, str, int] | None:
+        if self._sslobj is None:
+            suite = self._keys.suite if self._keys is not None else None
+            return None if suite is None else (suite.openssl_name, self._control.version.label, suite.key_size * 8)
         return self._sslobj.cipher()
 
     def shared_ciphers(self) -> list[tuple[str, str, int]] | None:
-        return self._sslobj.shared_ciphers()
+        return self._sslobj.shared_ciphers() if self._sslobj is not None else None
 
     def compression(self) -> str | None:
-        return self._sslobj.compression()
+        return self._sslobj.compression() if self._sslobj is not None else None
 
     def getpeercert(self, binary_form: bool = False) -> Any:
-        return self._sslobj.getpeercert(binary_form)
+        return self._sslobj.getpeercert(binary_form) if self._sslobj is not None else None
 
     def selected_alpn_protocol(self) -> str | None:
-        return self._sslobj.selected_alpn_protocol()
+        return self._sslobj.selected_alpn_protocol() if self._sslobj is not None else None
 
     def get_channel_binding(self, cb_type: str = "tls-unique") -> bytes | None:
-        return self._sslobj.get_channel_binding(cb_type)
+        return self._sslobj.get_channel_binding(cb_type) if self._sslobj is not None else None
 
     @property
     def session(self) -> ssl.SSLSession | None:
-        return self._sslobj.session
+        """The session, for ``wrap_socket(..., session=stream.session)`` (TLS 1.3: once tickets arrived)."""
+        return self._sslobj.session if self._sslobj is not None else None
 
     @property
     def session_reused(self) -> bool:
-        return self._sslobj.session_reused
+        return self._sslobj.session_reused if self._sslobj is not None else False
 
     @property
     def server_hostname(self) -> str | None:
-        return self._sslobj.server_hostname
+        return self._sslobj.server_hostname if self._sslobj is not None else None
 
     @property
     def server_side(self) -> bool:
-        return self._sslobj.server_side
+        return self._control.role is Role.SERVER
 
     @property
-    def context(self) -> ssl.SSLContext:
-        return self._sslobj.context
+    def context(self) -> ssl.SSLContext | None:
+        return self._sslobj.context if self._sslobj is not None else None
 
     def pending(self) -> int:
-        return len(self._plaintext) + (0 if self.kernel_rx else self._sslobj.pending())
+        return len(self._plaintext) + (0 if self.kernel_rx else self._ssl().pending())
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
         where = f"kernel tx={self.kernel_tx} rx={self.kernel_rx}"
         if self.fallback_reason:
             where += f", fallback: {self.fallback_reason}"
-        return f"<ktls.Stream {state} {self._sslobj.version()} {where}>"
+        return f"<ktls.Stream {state} {self.version()} {where}>"
