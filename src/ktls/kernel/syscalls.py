@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -48,6 +49,7 @@ from .uapi import (
     TLS_SET_RECORD_TYPE,
     TLS_TX_MAX_PAYLOAD_LEN,
     TLS_TX_ZEROCOPY_RO,
+    CipherType,
     CryptoInfo,
     Direction,
 )
@@ -70,8 +72,8 @@ __all__ = [
 
 #: Room for one ``TLS_GET_RECORD_TYPE`` control message (one byte of payload).
 _CMSG_SPACE = socket.CMSG_SPACE(1)
-#: Largest ``struct tls12_crypto_info_*``: the buffer ``getsockopt`` is given.
-_CRYPTO_INFO_MAX = max(c.struct_size for c in CIPHERS.values())
+#: ``struct tls_crypto_info``: version and cipher type, two ``__u16``.
+_INFO_HEADER_SIZE = 4
 
 
 class Record(NamedTuple):
@@ -158,20 +160,26 @@ def set_crypto_info(sock: socket.socket, direction: Direction, info: CryptoInfo)
 
 def get_crypto_info(sock: socket.socket, direction: Direction) -> CryptoInfo | None:
     """Read back the kernel's crypto info for one direction, with its current sequence number and (TLS 1.2
-    GCM/CCM) next explicit nonce; ``None`` when that direction is not configured."""
+    GCM/CCM) next explicit nonce; ``None`` when that direction is not configured.
+
+    The kernel wants the exact size of the cipher's struct (``EINVAL`` otherwise), so the 4-byte
+    ``struct tls_crypto_info`` header is read first to learn the cipher.
+    """
     with _translate_errors(
         f"getsockopt(SOL_TLS, TLS_{direction.name})",
         {errno.ENOPROTOOPT: (ULPUnavailable, "the TLS ULP is not attached to this socket")},
         KernelTLSFailure,
     ):
         try:
-            raw = sock.getsockopt(SOL_TLS, int(direction), _CRYPTO_INFO_MAX)
+            header = sock.getsockopt(SOL_TLS, int(direction), _INFO_HEADER_SIZE)
         except OSError as exc:
             if exc.errno == errno.EBUSY:  # "crypto info not set yet" (net/tls/tls_main.c)
                 return None
             raise
-    if len(raw) < 4 or raw[:4] == b"\0\0\0\0":
-        return None
+        cipher_id = int.from_bytes(header[2:4], sys.byteorder)
+        if len(header) < _INFO_HEADER_SIZE or cipher_id == 0:
+            return None
+        raw = sock.getsockopt(SOL_TLS, int(direction), CIPHERS[CipherType(cipher_id)].struct_size)
     return CryptoInfo.unpack(raw)
 
 
