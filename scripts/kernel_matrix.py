@@ -1231,7 +1231,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.sort(key=lambda result: order[result.label])
     log("")
     log(summary_table(results))
+    log(closing_line(results))
     return 0 if all(result.ok for result in results) else 1
+
+
+def closing_line(results: Sequence[KernelResult]) -> str:
+    """Totals over every kernel, in the plain form CI reads: ``matrix: N passed, N failed, N skipped``.
+
+    A kernel that did not boot counts as one failure, so the line can never look green when it was not.
+    """
+    passed = sum(r.counts.passed for r in results if r.counts)
+    failed = sum(r.counts.failures + r.counts.errors for r in results if r.counts)
+    failed += sum(1 for r in results if r.counts is None or (not r.ok and not (r.counts.failures or r.counts.errors)))
+    skipped = sum(r.counts.skipped for r in results if r.counts)
+    return f"matrix: {passed} passed, {failed} failed, {skipped} skipped"
 
 
 if __name__ == "__main__":

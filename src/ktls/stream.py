@@ -42,6 +42,7 @@ import ssl
 import time
 from typing import Any, BinaryIO, Literal
 
+from . import handoff
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType, TLSVersion
 from .control import (
     Action,
@@ -63,9 +64,7 @@ from .errors import (
 )
 from .handshake import Handshake, HandshakeResult
 from .kernel import syscalls
-from .kernel.probe import probe as probe_kernel
-from .kernel.uapi import CipherType, Direction
-from .keylog_capture import KeylogCapture
+from .kernel.uapi import Direction
 from .keys import ConnectionKeys
 
 __all__ = ["Stream", "wrap_socket"]
@@ -74,25 +73,10 @@ log = logging.getLogger("ktls")
 
 #: Room for one whole record on kernel reads of control records (RFC 8446 §5.2 TLSInnerPlaintext bound).
 _RECORD_BUFFER = MAX_PLAINTEXT + 256
-#: A TLS 1.3 record that carries no application data and whose ciphertext is shorter than this is a
-#: KeyUpdate: a KeyUpdate is 4+1 bytes + content type + 16-byte tag = 22; the smallest NewSessionTicket is
-#: 4+4+4+1+2+1+2 = 18 bytes + 17 = 35; alerts are reported by OpenSSL as alerts.
-_KEY_UPDATE_MAX_CIPHERTEXT = 35
 #: How long close() waits to send a close_notify into a full send buffer, and for the peer's FIN after a
 #: fatal alert.
 _CLOSE_TIMEOUT = 2.0
 _DRAIN_TIMEOUT = 0.5
-
-#: RFC 8446 §5.5 key-usage limits in records, per kernel AEAD; updated before reaching them with a margin.
-#: AES-GCM: 2^24.5 full-size records; AES-CCM: 2^23.5 (RFC 9147 §4.5.3 / draft-irtf-cfrg-aead-limits);
-#: ChaCha20-Poly1305: beyond any 64-bit sequence number in practice.
-_RECORD_LIMITS: dict[CipherType, int] = {
-    CipherType.AES_GCM_128: 2**24,
-    CipherType.AES_GCM_256: 2**24,
-    CipherType.AES_CCM_128: 2**23,
-    CipherType.SM4_GCM: 2**24,
-    CipherType.SM4_CCM: 2**23,
-}
 
 
 def wrap_socket(
@@ -112,50 +96,32 @@ def wrap_socket(
     ``require_kernel`` is true, which raises :class:`~ktls.errors.KernelTLSUnavailable` instead (the
     handshake will have happened; the socket is closed).
     """
-    support = probe_kernel()
-    reason: str | None = None if support.available else (support.ulp_error or "kernel TLS is not available")
-    if reason is not None and require_kernel:
-        raise KernelTLSUnavailable(None, reason)
-    capture = KeylogCapture.for_context(context) if reason is None else None
+    capture, reason = handoff.begin(context, require_kernel=require_kernel)
     handshake = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
+    keys: ConnectionKeys | None = None
+    result: HandshakeResult | None = None
     if capture is None:
         _drive_handshake(sock, handshake)
-        return Stream(
-            sock,
-            handshake,
-            None,
-            server_side=server_side,
-            fallback_reason=reason,
-            suppress_ragged_eofs=suppress_ragged_eofs,
-        )
-    with capture.handshake():
-        _drive_handshake(sock, handshake)
-        result = handshake.result()
-        secrets = capture.take(result.client_random)
-    keys: ConnectionKeys | None = None
-    try:
-        if secrets is None:
-            raise KernelTLSUnavailable(None, "the key log has no secrets for this connection")
-        keys = ConnectionKeys.from_handshake(result, secrets, server_side=server_side)
-        if not support.supports(keys.suite.kernel_cipher.cipher_type, result.version):  # type: ignore[union-attr]
-            refused = f"this kernel does not accept {result.openssl_cipher} ({result.version.label})"
-            raise KernelTLSUnavailable(None, refused)
-    except KernelTLSUnavailable as exc:
-        if require_kernel:
-            sock.close()
-            raise
-        return Stream(
-            sock,
-            handshake,
-            None,
-            server_side=server_side,
-            fallback_reason=str(exc),
-            suppress_ragged_eofs=suppress_ragged_eofs,
-        )
+    else:
+        with capture.handshake():
+            _drive_handshake(sock, handshake)
+            try:
+                keys, result = handoff.derive_keys(handshake, capture, server_side=server_side)
+            except KernelTLSUnavailable as exc:
+                if require_kernel:
+                    sock.close()
+                    raise
+                reason = str(exc)
     stream = Stream(
-        sock, handshake, keys, server_side=server_side, result=result, suppress_ragged_eofs=suppress_ragged_eofs
+        sock,
+        handshake,
+        keys,
+        server_side=server_side,
+        result=result,
+        fallback_reason=reason,
+        suppress_ragged_eofs=suppress_ragged_eofs,
     )
-    if require_kernel and not (stream.kernel_tx and (stream.kernel_rx or stream._rx_deferred)):
+    if require_kernel and not (stream.kernel_tx and (stream.kernel_rx or stream._deferred is not None)):
         stream.close()
         raise KernelTLSUnavailable(None, stream.fallback_reason or "the kernel did not take over")
     return stream
@@ -195,7 +161,7 @@ class Stream:
     (``version()``, ``cipher()``, ``getpeercert()``, ``session``…).
     """
 
-    #: Records sent under one key before a TLS 1.3 send-key update (per cipher; see ``_RECORD_LIMITS``).
+    #: Records sent under one key before a TLS 1.3 send-key update (per cipher: ``handoff.RECORD_LIMITS``).
     record_limit: int | None
 
     def __init__(
@@ -219,8 +185,6 @@ class Stream:
         self.kernel_tx = False
         self.kernel_rx = False
         self.ragged_eof = False
-        self._rx_deferred = False
-        self._deferred_records = 0
         self._plaintext = bytearray()  # decrypted before the hand-off, delivered first
         self._closed = False
         self._io_refs = 0
@@ -228,14 +192,20 @@ class Stream:
         self._tx_records_bound = 0
         self.record_limit = None
         self._read_closed = False
-        role = Role.SERVER if server_side else Role.CLIENT
-        if result is not None:
-            version = result.version
-        else:
+        self._deferred: handoff.DeferredReceive | None = None
+        if keys is None or result is None:
             version = TLSVersion.TLS1_3 if self._ssl().version() == "TLSv1.3" else TLSVersion.TLS1_2
-        self._control = ControlRecords(version, role, None)
-        if keys is not None and result is not None:
-            self._hand_off(keys, result)
+            self._control = ControlRecords(version, Role.SERVER if server_side else Role.CLIENT, None)
+            return
+        installed = handoff.install(sock, keys, result, server_side=server_side)
+        self._installed = installed
+        self._control = installed.control
+        self.kernel_tx, self.kernel_rx = installed.kernel_tx, installed.kernel_rx
+        self.fallback_reason = installed.fallback_reason
+        self.record_limit = installed.record_limit
+        self._tx_records_bound = result.tx_seq
+        if installed.rx_deferred:
+            self._deferred = handoff.DeferredReceive(keys)
 
     @classmethod
     def from_keys(
@@ -261,7 +231,7 @@ class Stream:
         stream = cls(
             sock, None, keys, server_side=server_side, result=result, suppress_ragged_eofs=suppress_ragged_eofs
         )
-        if not stream.kernel_rx and stream._rx_deferred:
+        if stream._deferred is not None:
             stream._hand_off_rx(rx_seq)
         if not (stream.kernel_tx and stream.kernel_rx):
             raise KernelTLSUnavailable(None, stream.fallback_reason or "the kernel did not take both directions")
@@ -279,40 +249,12 @@ class Stream:
             raise KernelTLSUnavailable(None, "this stream was built from keys: it has no userspace TLS")
         return self._handshake
 
-    # -- the hand-off ---------------------------------------------------------------------------------------------
-
-    def _hand_off(self, keys: ConnectionKeys, result: HandshakeResult) -> None:
-        support = probe_kernel()
-        try:
-            syscalls.setup_ulp(self._sock)
-            syscalls.set_crypto_info(
-                self._sock, Direction.TX, keys.crypto_info(Direction.TX, result.tx_seq, result.tx_explicit_nonce)
-            )
-        except KernelTLSUnavailable as exc:
-            self.fallback_reason = str(exc)
-            return
-        self.kernel_tx = True
-        self._tx_records_bound = result.tx_seq
-        cipher = keys.suite.kernel_cipher
-        rekey = support.rekey and keys.can_update
-        self._control = ControlRecords(result.version, self._control.role, keys.next_key if rekey else None)
-        if result.version is TLSVersion.TLS1_3 and cipher is not None and rekey:
-            self.record_limit = _RECORD_LIMITS.get(cipher.cipher_type)
-        if result.version is TLSVersion.TLS1_3 and self._control.role is Role.CLIENT:
-            self._rx_deferred = True  # tickets may be in flight: see _read_deferred
-            return
-        self._hand_off_rx(result.rx_seq)
-
     def _hand_off_rx(self, rx_seq: int) -> None:
         assert self._keys is not None
-        try:
-            syscalls.set_crypto_info(self._sock, Direction.RX, self._keys.crypto_info(Direction.RX, rx_seq))
-        except KernelTLSUnavailable as exc:
-            self.fallback_reason = f"receive stays in user space: {exc}"
-            self._rx_deferred = False
-            return
-        self._rx_deferred = False
-        self.kernel_rx = True
+        handoff.install_rx(self._sock, self._keys, rx_seq, self._installed)
+        self._deferred = None
+        self.kernel_rx = self._installed.kernel_rx
+        self.fallback_reason = self._installed.fallback_reason
 
     # -- receiving --------------------------------------------------------------------------------------------------
 
@@ -331,8 +273,8 @@ class Stream:
             data: bytes | None
             if self.kernel_rx:
                 data = self._read_kernel(bufsize)
-            elif self._rx_deferred:
-                data = self._read_deferred(bufsize)
+            elif self._deferred is not None:
+                data = self._read_deferred(self._deferred, bufsize)
             else:
                 data = self._read_userspace(bufsize)
             if data is not None:
@@ -403,20 +345,25 @@ class Stream:
             self._handshake_state().incoming.write(data)
         return None
 
-    def _read_deferred(self, bufsize: int) -> bytes | None:
-        """TLS 1.3 client between handshake and first application record: OpenSSL reads, one record at a
-        time, so that tickets reach ``session`` and the kernel can start exactly at the next record."""
+    def _read_deferred(self, deferred: handoff.DeferredReceive, bufsize: int) -> bytes | None:
+        """TLS 1.3 client between handshake and first application record (:class:`ktls.handoff.DeferredReceive`):
+        OpenSSL reads, one record at a time, so that tickets reach ``session`` and the kernel can start
+        exactly at the next record."""
         data = self._sock.recv(self._handshake_state().bytes_needed())
         if not data:
             return self._tcp_eof()
         record = self._handshake_state().receive(data)
         if record is None:
             return None  # the record is not whole yet
-        self._deferred_records += 1
+        deferred.record_read()
         try:
             plaintext = self._ssl().read(bufsize)
         except ssl.SSLWantReadError:
-            self._after_deferred_control_record(len(record) - 5)
+            outgoing = self._handshake_state().outgoing
+            answered = bool(outgoing.pending)
+            outgoing.read()  # never sent: the kernel owns the send key now
+            if deferred.control_record(len(record) - 5, answered):
+                self._run(self._control.key_update(request_peer_update=False))
             return None
         except ssl.SSLZeroReturnError:
             self._read_closed = True
@@ -425,21 +372,8 @@ class Stream:
         # The first application record: everything after it is the kernel's.
         while self._ssl().pending():
             self._plaintext += self._ssl().read(self._ssl().pending())
-        self._hand_off_rx(self._deferred_records)
+        self._hand_off_rx(deferred.rx_seq)
         return plaintext
-
-    def _after_deferred_control_record(self, ciphertext_length: int) -> None:
-        wrote = self._handshake_state().outgoing.pending
-        if wrote:
-            # OpenSSL answered something (a KeyUpdate with update_requested) under a send key the kernel
-            # now owns: its bytes must never reach the wire. We answer ourselves below.
-            self._handshake_state().outgoing.read()
-        if ciphertext_length < _KEY_UPDATE_MAX_CIPHERTEXT and self._keys is not None and self._keys.can_update:
-            # A KeyUpdate: OpenSSL switched to the next receive generation, and so do we (seq restarts).
-            self._keys.next_key(Direction.RX)
-            self._deferred_records = 0
-            if wrote:
-                self._run(self._control.key_update(request_peer_update=False))
 
     # -- sending -----------------------------------------------------------------------------------------------------
 

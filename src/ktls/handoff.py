@@ -1,0 +1,155 @@
+"""Handing a finished ``ssl`` handshake to the kernel — shared by the blocking Stream and asyncio.
+
+The steps, in order, and what each may conclude:
+
+1. :func:`begin`: is kernel TLS possible at all (``probe``)? If so, capture the context's key log in memory.
+   If not, the reason becomes the stream's ``fallback_reason``.
+2. The caller drives :class:`~ktls.handshake.Handshake` with its own I/O, inside ``capture.handshake()``.
+3. :func:`derive_keys`: the connection's secrets from the key log, its keys, and whether this kernel takes
+   its cipher for its TLS version. :class:`~ktls.errors.KernelTLSUnavailable` means: stay in user space.
+4. :func:`install`: attach the ULP, give the kernel the send key at the exact sequence number, then the
+   receive key — except for a TLS 1.3 client, whose receive side waits for the first application record
+   (:class:`DeferredReceive`) so the server's tickets reach OpenSSL and ``session`` stays resumable.
+
+Nothing here reads or writes application data; the callers do, each with its own I/O model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+
+from .constants import TLSVersion
+from .control import ControlRecords, Role
+from .errors import KernelTLSUnavailable
+from .handshake import Handshake, HandshakeResult
+from .kernel import syscalls
+from .kernel.probe import KernelSupport, probe
+from .kernel.uapi import CipherType, Direction
+from .keylog_capture import KeylogCapture
+from .keys import ConnectionKeys
+
+__all__ = ["RECORD_LIMITS", "DeferredReceive", "Installed", "begin", "derive_keys", "install", "install_rx"]
+
+#: RFC 8446 §5.5 key-usage limits in records, per kernel AEAD; the send key is updated on reaching them
+#: (with margin: AES-GCM's limit is 2^24.5 full-size records, AES-CCM's 2^23.5 per RFC 9147 §4.5.3).
+#: ChaCha20-Poly1305's limit lies beyond any 64-bit sequence number in practice.
+RECORD_LIMITS: dict[CipherType, int] = {
+    CipherType.AES_GCM_128: 2**24,
+    CipherType.AES_GCM_256: 2**24,
+    CipherType.AES_CCM_128: 2**23,
+    CipherType.SM4_GCM: 2**24,
+    CipherType.SM4_CCM: 2**23,
+}
+
+#: A TLS 1.3 record that carries no application data and whose ciphertext is shorter than this is a
+#: KeyUpdate: 4+1 bytes of message + content type + 16-byte tag = 22; the smallest NewSessionTicket is
+#: 4+4+4+1+2+1+2 = 18 bytes + 17 = 35 (RFC 8446 §4.6.1); alerts OpenSSL reports as alerts.
+KEY_UPDATE_MAX_CIPHERTEXT = 35
+
+
+def begin(context: ssl.SSLContext, *, require_kernel: bool) -> tuple[KeylogCapture | None, str | None]:
+    """Before the handshake: the key-log capture, or ``None`` and why the kernel cannot take over."""
+    support = probe()
+    if not support.available:
+        reason = support.ulp_error or "kernel TLS is not available"
+        if require_kernel:
+            raise KernelTLSUnavailable(None, reason)
+        return None, reason
+    return KeylogCapture.for_context(context), None
+
+
+def derive_keys(
+    handshake: Handshake, capture: KeylogCapture, *, server_side: bool
+) -> tuple[ConnectionKeys, HandshakeResult]:
+    """After the handshake (inside ``capture.handshake()``): the keys the kernel needs, or
+    :class:`~ktls.errors.KernelTLSUnavailable` saying why it cannot have them."""
+    result = handshake.result()
+    secrets = capture.take(result.client_random)
+    if secrets is None:
+        raise KernelTLSUnavailable(None, "the key log has no secrets for this connection")
+    keys = ConnectionKeys.from_handshake(result, secrets, server_side=server_side)
+    cipher = keys.suite.kernel_cipher
+    if cipher is None or not probe().supports(cipher.cipher_type, result.version):
+        refused = f"this kernel does not accept {result.openssl_cipher} ({result.version.label})"
+        raise KernelTLSUnavailable(None, refused)
+    return keys, result
+
+
+@dataclasses.dataclass
+class Installed:
+    """What :func:`install` achieved."""
+
+    control: ControlRecords
+    kernel_tx: bool = False
+    kernel_rx: bool = False
+    #: TLS 1.3 client: receive stays with OpenSSL until the first application record (:class:`DeferredReceive`).
+    rx_deferred: bool = False
+    fallback_reason: str | None = None
+    #: Records the send key may protect before a KeyUpdate; ``None``: no limit we must act on, or no rekey.
+    record_limit: int | None = None
+
+
+def install(sock: socket.socket, keys: ConnectionKeys, result: HandshakeResult, *, server_side: bool) -> Installed:
+    """Attach the ULP and give the kernel the keys (module docstring, step 4)."""
+    support: KernelSupport = probe()
+    role = Role.SERVER if server_side else Role.CLIENT
+    rekey = support.rekey and keys.can_update
+    installed = Installed(ControlRecords(result.version, role, keys.next_key if rekey else None))
+    try:
+        syscalls.setup_ulp(sock)
+        tx = keys.crypto_info(Direction.TX, result.tx_seq, result.tx_explicit_nonce)
+        syscalls.set_crypto_info(sock, Direction.TX, tx)
+    except KernelTLSUnavailable as exc:
+        # Nothing was given to the kernel (a ULP without keys passes bytes through): userspace goes on.
+        installed.control = ControlRecords(result.version, role, None)
+        installed.fallback_reason = str(exc)
+        return installed
+    installed.kernel_tx = True
+    cipher = keys.suite.kernel_cipher
+    if result.version is TLSVersion.TLS1_3 and cipher is not None and rekey:
+        installed.record_limit = RECORD_LIMITS.get(cipher.cipher_type)
+    if result.version is TLSVersion.TLS1_3 and role is Role.CLIENT:
+        installed.rx_deferred = True
+        return installed
+    install_rx(sock, keys, result.rx_seq, installed)
+    return installed
+
+
+def install_rx(sock: socket.socket, keys: ConnectionKeys, rx_seq: int, installed: Installed) -> None:
+    """Give the kernel the receive key at ``rx_seq``; if it refuses, receiving stays with OpenSSL."""
+    installed.rx_deferred = False
+    try:
+        syscalls.set_crypto_info(sock, Direction.RX, keys.crypto_info(Direction.RX, rx_seq))
+    except KernelTLSUnavailable as exc:
+        installed.fallback_reason = f"receive stays in user space: {exc}"
+        return
+    installed.kernel_rx = True
+
+
+class DeferredReceive:
+    """A TLS 1.3 client between its handshake and the first application record.
+
+    OpenSSL reads these records (one at a time: the I/O layer feeds ``Handshake.receive``) so that the
+    server's NewSessionTickets reach it; this class counts them, so the kernel starts at the right sequence
+    number, and follows a KeyUpdate in that window: OpenSSL moved to the next receive key, so we do too.
+    """
+
+    def __init__(self, keys: ConnectionKeys) -> None:
+        self._keys = keys
+        #: Sequence number of the next record in the current receive generation.
+        self.rx_seq = 0
+
+    def record_read(self) -> None:
+        self.rx_seq += 1
+
+    def control_record(self, ciphertext_length: int, openssl_answered: bool) -> bool:
+        """OpenSSL consumed a record without application data. Returns ``True`` when the peer asked for our
+        KeyUpdate, which the caller must send through the kernel (OpenSSL's answer, ``openssl_answered``,
+        is under a send key the kernel now owns and must be discarded)."""
+        if ciphertext_length < KEY_UPDATE_MAX_CIPHERTEXT and self._keys.can_update:
+            self._keys.next_key(Direction.RX)
+            self.rx_seq = 0
+            return openssl_answered
+        return False
