@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import struct
 import sys
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -244,12 +245,13 @@ def send_record(sock: socket.socket, content_type: ContentType | int, data: byte
         return sock.sendmsg([data], cmsg, flags)
 
 
-def _set_option(sock: socket.socket, option: int, name: str, value: int) -> None:
+def _set_option(sock: socket.socket, option: int, name: str, value: int | bytes) -> None:
+    shown = int.from_bytes(value, sys.byteorder) if isinstance(value, bytes) else value
     with _translate_errors(
         f"setsockopt(SOL_TLS, {name})",
         {
             errno.ENOPROTOOPT: (OptionUnavailable, f"this kernel has no {name}"),
-            errno.EINVAL: (OptionUnavailable, f"the kernel refuses {name}={value} on this socket"),
+            errno.EINVAL: (OptionUnavailable, f"the kernel refuses {name}={shown} on this socket"),
             errno.EOPNOTSUPP: (OptionUnavailable, f"{name} is not supported on this socket"),
         },
         KernelTLSConfigError,
@@ -281,12 +283,22 @@ def get_rx_expect_no_pad(sock: socket.socket) -> bool:
 
 
 def set_tx_max_payload_len(sock: socket.socket, length: int) -> None:
-    """Cap the plaintext per record the kernel sends (RFC 8449 ``record_size_limit``, late-2025 kernels)."""
-    _set_option(sock, TLS_TX_MAX_PAYLOAD_LEN, "TLS_TX_MAX_PAYLOAD_LEN", length)
+    """Cap the plaintext per record the kernel sends (RFC 8449 ``record_size_limit``, late-2025 kernels).
+
+    The option is a ``__u16``; for TLS 1.3 pass the record size limit minus one (the content type byte).
+    """
+    _set_option(sock, TLS_TX_MAX_PAYLOAD_LEN, "TLS_TX_MAX_PAYLOAD_LEN", struct.pack("=H", length))
 
 
 def get_tx_max_payload_len(sock: socket.socket) -> int:
-    return _get_option(sock, TLS_TX_MAX_PAYLOAD_LEN, "TLS_TX_MAX_PAYLOAD_LEN")
+    with _translate_errors(
+        "getsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN)",
+        {errno.ENOPROTOOPT: (OptionUnavailable, "this kernel has no TLS_TX_MAX_PAYLOAD_LEN")},
+        KernelTLSConfigError,
+    ):
+        raw = sock.getsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, 2)
+    value: int = struct.unpack("=H", raw)[0]
+    return value
 
 
 def set_tx_zerocopy_ro(sock: socket.socket, enabled: bool = True) -> None:
