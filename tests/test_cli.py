@@ -1,0 +1,59 @@
+"""``ktls check`` and ``ktls stat``: what they print agrees with the probe, on the host and in the guests."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ktls import TLSVersion
+from ktls.cli import main
+from ktls.kernel import CIPHERS, CipherType, KernelSupport, probe
+
+RESULTS = Path(__file__).resolve().parent.parent / ".kernel-results"
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def test_check_on_a_kernel_without_ktls_says_so() -> None:
+    if probe().available:
+        pytest.skip("this kernel has kTLS (covered by test_check_agrees_with_the_probe)")
+    code, text = run("check")
+    assert code == 1
+    assert "CONFIG_TLS" in text
+    assert "'tls' module" in text
+    code, text = run("check", "--json")
+    assert code == 1
+    assert json.loads(text)["available"] is False
+    assert run("stat")[0] == 1
+
+
+@pytest.mark.kernel
+def test_check_agrees_with_the_probe(support: KernelSupport) -> None:
+    code, text = run("check")
+    assert code == 0
+    for cipher in CIPHERS.values():
+        assert cipher.name in text
+    code, raw = run("check", "--json")
+    assert code == 0
+    report = json.loads(raw)
+    assert report["available"] is True
+    assert report["rekey_tx"] == support.rekey_tx
+    for entry in report["ciphers"]:
+        version = TLSVersion.TLS1_3 if entry["version"] == "TLSv1.3" else TLSVersion.TLS1_2
+        accepted = support.supports(CipherType[entry["cipher"]], version)
+        assert accepted == (entry["tx"] and entry["rx"])
+    assert report["tls_stat"] is not None
+    if label := os.environ.get("KTLS_GUEST"):  # keep what each kernel said, for the README and notes
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{label}.check.txt").write_text(text)
+    code, stat = run("stat")
+    assert code == 0
+    assert "TlsCurrTxSw" in stat
