@@ -1,11 +1,13 @@
-"""The ``ktls`` command line: ``ktls check`` (what this kernel's TLS supports) and ``ktls stat``."""
+"""The ``ktls`` command line: ``check`` (what this kernel's TLS supports), ``serve`` (HTTPS files), ``stat``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from . import __version__
@@ -83,6 +85,19 @@ def _stat(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, out: TextIO) -> int:
+    from .serve import ServeConfig, serve  # noqa: PLC0415 - only this command needs the server
+
+    if (args.cert is None) != (args.key is None):
+        print("ktls serve: --cert and --key go together", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    config = ServeConfig(
+        root=Path(args.directory), bind=args.bind, port=args.port, cert=args.cert, key=args.key, workers=args.workers
+    )
+    return serve(config, out)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ktls", description="Linux kernel TLS offload for Python.")
     parser.add_argument("--version", action="version", version=f"ktls {__version__}")
@@ -90,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="what this machine's kernel TLS supports (exit 1 if none)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(run=_check)
+    serve = commands.add_parser("serve", help="serve a directory over HTTPS, kernel-encrypted, with sendfile")
+    serve.add_argument("directory", nargs="?", default=".", help="what to serve (default: the current directory)")
+    serve.add_argument("--bind", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8443, metavar="N", help="port (default 8443; 0 picks one)")
+    serve.add_argument("--cert", type=Path, metavar="FILE", help="PEM certificate chain (default: self-signed)")
+    serve.add_argument("--key", type=Path, metavar="FILE", help="PEM private key for --cert")
+    serve.add_argument("--workers", type=int, default=1, metavar="N", help="processes sharing the port (SO_REUSEPORT)")
+    serve.set_defaults(run=_serve)
     stat = commands.add_parser("stat", help="the kernel's kTLS counters (/proc/net/tls_stat)")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
     stat.set_defaults(run=_stat)
