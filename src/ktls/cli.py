@@ -98,6 +98,12 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     return serve(config, out)
 
 
+def _bench(args: argparse.Namespace, out: TextIO) -> int:
+    from . import bench  # noqa: PLC0415 - only this command needs the workloads
+
+    return bench.main(args.size, args.seconds, args.connections, args.json, out)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ktls", description="Linux kernel TLS offload for Python.")
     parser.add_argument("--version", action="version", version=f"ktls {__version__}")
@@ -113,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--key", type=Path, metavar="FILE", help="PEM private key for --cert")
     serve.add_argument("--workers", type=int, default=1, metavar="N", help="processes sharing the port (SO_REUSEPORT)")
     serve.set_defaults(run=_serve)
+    bench = commands.add_parser("bench", help="plain TCP vs ssl vs ktls, side by side, as ratios")
+    bench.add_argument("--size", type=int, default=64, metavar="MIB", help="MiB per transfer (default 64)")
+    bench.add_argument("--seconds", type=float, default=3.0, help="duration of timed loops (default 3)")
+    bench.add_argument("--connections", type=int, default=100, help="idle connections for the memory row")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.set_defaults(run=_bench)
     stat = commands.add_parser("stat", help="the kernel's kTLS counters (/proc/net/tls_stat)")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
     stat.set_defaults(run=_stat)

@@ -57,6 +57,7 @@ from .control import (
     WriteClosed,
 )
 from .errors import (
+    KernelTLSFailure,
     KernelTLSUnavailable,
     RaggedEOF,
     RecordError,
@@ -487,6 +488,7 @@ class Stream:
         if not self.kernel_tx:
             return
         deadline = time.monotonic() + _CLOSE_TIMEOUT
+        cleared = False
         while True:
             try:
                 syscalls.send_record(self._sock, content_type, payload, socket.MSG_DONTWAIT)
@@ -497,6 +499,15 @@ class Stream:
                     message = f"could not send a {content_type.name} record: the peer is not reading"
                     raise StreamClosed(message) from None
                 select.select([], [self._sock], [], remaining)
+            except KernelTLSFailure as exc:
+                # A receive error (EBADMSG, EMSGSIZE, ...) stays pending on the socket (sk_err), and the
+                # kernel's sendmsg reports it instead of sending: the alert telling the peer about that very
+                # error would never leave. Reading SO_ERROR consumes it; then the alert goes out.
+                if cleared or exc.errno is None:
+                    raise
+                if self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != exc.errno:
+                    raise
+                cleared = True
 
     def _half_close(self) -> None:
         try:
@@ -562,6 +573,8 @@ class Stream:
     def _discard_unread(self) -> None:
         """Read what already arrived (typically TLS 1.3 tickets nobody asked for): closing a socket with
         unread data makes the kernel send a reset, which can destroy our last records at the peer."""
+        # Non-blocking for good: a socket timeout would make Python wait for data before each read.
+        self._sock.setblocking(False)
         for _ in range(64):
             try:
                 if self.kernel_rx:
