@@ -1131,6 +1131,12 @@ def parse_arguments(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
         help="QEMU accelerator; auto boots a KVM probe first (default: tcg: KVM hangs on these machines)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show each guest's console live")
+    parser.add_argument(
+        "--run",
+        metavar="COMMAND",
+        help="run this shell command in the project directory instead of pytest (e.g. a benchmark); "
+        "its output is in the console log and its exit status is the result",
+    )
     return parser.parse_args(arguments), extra
 
 
@@ -1160,7 +1166,8 @@ def run_one_kernel(
     junit = RESULTS_DIR / f"{kernel.label}.xml"
     junit.unlink(missing_ok=True)  # a stale report must not pass for this run's
     environment = guest_environment(kernel)
-    plan = GuestPlan(command=pytest_command(kernel.label, extra), environment=tuple(sorted(environment.items())))
+    command = ("/bin/sh", "-c", arguments.run) if arguments.run else pytest_command(kernel.label, extra)
+    plan = GuestPlan(command=command, environment=tuple(sorted(environment.items())))
     cpus = max(1, (os.cpu_count() or 1) // max(1, arguments.jobs))
     log(f"[{kernel.label}] booting {kernel.release} ({accel}, {cpus} vCPU)")
     outcome = boot_guest(
@@ -1173,7 +1180,11 @@ def run_one_kernel(
         console_log=RESULTS_DIR / f"{kernel.label}.console.log",
         verbose=arguments.verbose,
     )
-    result = judge(kernel.label, outcome, parse_junit(junit), None)
+    if arguments.run:
+        failed = outcome.exit_status != 0
+        result = KernelResult(kernel.label, outcome, None, f"exit status {outcome.exit_status}" if failed else None)
+    else:
+        result = judge(kernel.label, outcome, parse_junit(junit), None)
     log(
         f"[{kernel.label}] {'ok' if result.ok else 'FAIL: ' + str(result.problem)} "
         f"in {format_seconds(outcome.seconds)} s (console: {RESULTS_DIR / (kernel.label + '.console.log')})"
@@ -1242,7 +1253,7 @@ def closing_line(results: Sequence[KernelResult]) -> str:
     """
     passed = sum(r.counts.passed for r in results if r.counts)
     failed = sum(r.counts.failures + r.counts.errors for r in results if r.counts)
-    failed += sum(1 for r in results if r.counts is None or (not r.ok and not (r.counts.failures or r.counts.errors)))
+    failed += sum(1 for r in results if not r.ok and not (r.counts and (r.counts.failures or r.counts.errors)))
     skipped = sum(r.counts.skipped for r in results if r.counts)
     return f"matrix: {passed} passed, {failed} failed, {skipped} skipped"
 
