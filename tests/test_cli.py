@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,34 @@ def test_check_agrees_with_the_probe(support: KernelSupport) -> None:
     code, stat = run("stat")
     assert code == 0
     assert "TlsCurrTxSw" in stat
+
+
+def test_parse_ss_finds_tls_sockets() -> None:
+    from ktls.kernel.sockets import parse_ss
+
+    text = (
+        "ESTAB 0 0 127.0.0.1:8443 127.0.0.1:50000\n"
+        "\t cubic wscale:7,7 rto:204 tcp-ulp-tls version: 1.3 cipher: aes-gcm-128 rxconf: sw txconf: sw\n"
+        "ESTAB 0 0 127.0.0.1:22 127.0.0.1:50001\n"
+        "\t cubic wscale:7,7 rto:204\n"
+    )
+    (found,) = parse_ss(text)
+    assert (found.local, found.peer) == ("127.0.0.1:8443", "127.0.0.1:50000")
+    assert found.tls == "version: 1.3 cipher: aes-gcm-128 rxconf: sw txconf: sw"
+
+
+@pytest.mark.kernel
+def test_stat_lists_live_ktls_sockets(support: KernelSupport, tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    from ktls.kernel import CryptoInfo, Direction, set_crypto_info, setup_ulp
+
+    sock, _ = tcp_pair
+    setup_ulp(sock)
+    info = CryptoInfo.tls13(CipherType.AES_GCM_128, bytes(16), bytes(12))
+    set_crypto_info(sock, Direction.TX, info)
+    set_crypto_info(sock, Direction.RX, info)
+    code, text = run("stat")
+    assert code == 0
+    port = sock.getsockname()[1]
+    line = next(line for line in text.splitlines() if f":{port} " in line)
+    assert "1.3" in line
+    assert "aes-gcm-128" in line

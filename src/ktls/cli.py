@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -72,17 +74,35 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _stat(args: argparse.Namespace, out: TextIO) -> int:
-    stat = read_tls_stat()
-    if stat is None:
-        print("/proc/net/tls_stat does not exist: no kernel TLS here (CONFIG_TLS, 'tls' module).", file=out)
-        return 1
-    if args.json:
-        json.dump(stat, out, indent=2)
-        out.write("\n")
-    else:
-        for name, value in stat.items():
-            print(f"{name:<28} {value}", file=out)
-    return 0
+    from .kernel.sockets import list_ktls_sockets  # noqa: PLC0415 - only this command runs ss
+
+    previous: dict[str, int] | None = None
+    while True:
+        stat = read_tls_stat()
+        if stat is None:
+            print("/proc/net/tls_stat does not exist: no kernel TLS here (CONFIG_TLS, 'tls' module).", file=out)
+            return 1
+        sockets = list_ktls_sockets()
+        if args.json:
+            listed = None if sockets is None else [dataclasses.asdict(s) for s in sockets]
+            json.dump({"tls_stat": stat, "sockets": listed}, out, indent=2)
+            out.write("\n")
+        else:
+            for name, value in stat.items():
+                change = f"  (+{value - previous.get(name, 0)})" if previous and value != previous.get(name, 0) else ""
+                print(f"{name:<28} {value}{change}", file=out)
+            if sockets is None:
+                print("kernel TLS sockets: unknown (needs `ss` from iproute2)", file=out)
+            else:
+                print(f"kernel TLS sockets: {len(sockets)}", file=out)
+                for sock in sockets:
+                    print(f"  {sock.local:<24} {sock.peer:<24} {sock.tls}", file=out)
+        out.flush()
+        if not args.watch:
+            return 0
+        previous = stat
+        time.sleep(args.watch)
+        print("", file=out)
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
@@ -127,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
     stat = commands.add_parser("stat", help="the kernel's kTLS counters (/proc/net/tls_stat)")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
+    stat.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="repeat, showing changes")
     stat.set_defaults(run=_stat)
     return parser
 
