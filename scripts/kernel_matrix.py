@@ -76,7 +76,9 @@ from pathlib import Path
 from typing import IO
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-RESULTS_DIR = PROJECT_DIR / ".kernel-results"
+#: JUnit reports and console logs; ``KTLS_RESULTS`` (a folder inside the project, which the guest shares)
+#: keeps concurrent runs apart.
+RESULTS_DIR = PROJECT_DIR / os.environ.get("KTLS_RESULTS", ".kernel-results")
 DEFAULT_CACHE_DIR = Path("~/.cache/ktls-kernels")
 DEFAULT_TIMEOUT_SECONDS = 900.0
 # Measured on this 2-core machine (4 kernels, a 6-test probe): two 1-vCPU guests side by side took 40-56 s in
