@@ -24,7 +24,7 @@ import socket
 import struct
 import sys
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from ..constants import ContentType
 from ..errors import (
@@ -88,6 +88,17 @@ class Record(NamedTuple):
     end_of_record: bool
 
 
+def _raise_translated(
+    exc: OSError, operation: str, table: dict[int, tuple[type[KTLSError], str]], default: type[KTLSError]
+) -> NoReturn:
+    """Raise the ktls exception ``table`` names for ``exc.errno`` (chained), or ``exc`` itself when it is not
+    a failure: non-blocking, interrupted and timed-out calls belong to the caller's I/O machinery."""
+    if isinstance(exc, (KTLSError, BlockingIOError, InterruptedError, TimeoutError)) or exc.errno is None:
+        raise exc
+    cls, what = table.get(exc.errno, (default, f"{operation} failed"))
+    raise cls(exc.errno, what) from exc
+
+
 @contextlib.contextmanager
 def _translate_errors(
     operation: str, table: dict[int, tuple[type[KTLSError], str]], default: type[KTLSError]
@@ -95,15 +106,8 @@ def _translate_errors(
     """Turn an ``OSError`` from ``operation`` into the ktls exception ``table`` names for its errno."""
     try:
         yield
-    except KTLSError:
-        raise
-    except (BlockingIOError, InterruptedError, TimeoutError):
-        raise  # not failures: the caller's non-blocking / timeout machinery handles them
     except OSError as exc:
-        if exc.errno is None:
-            raise
-        cls, what = table.get(exc.errno, (default, f"{operation} failed"))
-        raise cls(exc.errno, what) from exc
+        _raise_translated(exc, operation, table, default)
 
 
 def setup_ulp(sock: socket.socket) -> None:
@@ -202,22 +206,28 @@ _RECORD_IO_ERRORS: dict[int, tuple[type[KTLSError], str]] = {
 }
 
 
+#: Record types by the cmsg byte, without building an enum per read.
+_CONTENT_TYPES: dict[int, ContentType | int] = {**{i: i for i in range(256)}, **{t.value: t for t in ContentType}}
+
+
 def _record_type(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> ContentType | int | None:
     if msg_flags & socket.MSG_CTRUNC:
         raise KernelTLSFailure(None, "the record type control message was truncated")
     for level, kind, data in ancdata:
         if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and len(data) == 1:
-            try:
-                return ContentType(data[0])
-            except ValueError:
-                return data[0]
+            return _CONTENT_TYPES[data[0]]
     return None
+
+
+# recv_record and recv_record_into are the per-read hot path: plain try/except, no context manager.
 
 
 def recv_record(sock: socket.socket, bufsize: int, flags: int = 0) -> Record:
     """Receive up to ``bufsize`` bytes of one record with its content type (``recvmsg`` + cmsg)."""
-    with _translate_errors("recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure):
+    try:
         data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, _CMSG_SPACE, flags)
+    except OSError as exc:
+        _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
     return Record(_record_type(ancdata, msg_flags), data, bool(msg_flags & socket.MSG_EOR))
 
 
@@ -225,8 +235,10 @@ def recv_record_into(
     sock: socket.socket, buffer: memoryview | bytearray, flags: int = 0
 ) -> tuple[ContentType | int | None, int, bool]:
     """Like :func:`recv_record`, into ``buffer``: returns (content type, bytes read, end of record)."""
-    with _translate_errors("recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure):
+    try:
         nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([buffer], _CMSG_SPACE, flags)
+    except OSError as exc:
+        _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
     return _record_type(ancdata, msg_flags), nbytes, bool(msg_flags & socket.MSG_EOR)
 
 
