@@ -94,14 +94,18 @@ def _read_head(stream: Stream, buffer: bytearray) -> bytes | None:
 
 
 def _send_response(stream: Stream, response: Response, keep_alive: bool) -> int:
-    stream.sendall(response.head(keep_alive))
-    if not response.send_body:
-        return 0
-    if response.path is not None:
+    """Head, then body — corked, so that a small response leaves as full segments, not a head that waits for
+    a delayed ACK (Nagle) before its body may follow."""
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    try:
+        if not response.send_body or response.path is None:
+            stream.sendall(response.head(keep_alive) + (response.body if response.send_body else b""))
+            return len(response.body) if response.send_body else 0
+        stream.sendall(response.head(keep_alive))
         with response.path.open("rb") as file:
             return stream.sendfile(file, response.offset, response.length)
-    stream.sendall(response.body)
-    return len(response.body)
+    finally:
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
 
 def _handle(stream: Stream, root: Path, peer: str, stopping: threading.Event) -> None:
