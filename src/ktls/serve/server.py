@@ -94,18 +94,14 @@ def _read_head(stream: Stream, buffer: bytearray) -> bytes | None:
 
 
 def _send_response(stream: Stream, response: Response, keep_alive: bool) -> int:
-    """Head, then body — corked, so that a small response leaves as full segments, not a head that waits for
-    a delayed ACK (Nagle) before its body may follow."""
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    try:
-        if not response.send_body or response.path is None:
-            stream.sendall(response.head(keep_alive) + (response.body if response.send_body else b""))
-            return len(response.body) if response.send_body else 0
-        stream.sendall(response.head(keep_alive))
-        with response.path.open("rb") as file:
-            return stream.sendfile(file, response.offset, response.length)
-    finally:
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    """Head, then body. The connection has ``TCP_NODELAY``: a head written alone must not wait for a delayed
+    ACK (Nagle) before its body may follow."""
+    if not response.send_body or response.path is None:
+        stream.sendall(response.head(keep_alive) + (response.body if response.send_body else b""))
+        return len(response.body) if response.send_body else 0
+    stream.sendall(response.head(keep_alive))
+    with response.path.open("rb") as file:
+        return stream.sendfile(file, response.offset, response.length)
 
 
 def _handle(stream: Stream, root: Path, peer: str, stopping: threading.Event) -> None:
@@ -173,6 +169,7 @@ def _connection(
     active.add(sock)
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = wrap_socket(sock, context, server_side=True)
         _handle(stream, root, peer, stopping)
     except (OSError, KTLSError, ssl.SSLError) as exc:  # peer went away, timed out, or broke TLS
