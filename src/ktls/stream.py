@@ -34,12 +34,14 @@ Edge cases, each handled where named:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import select
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from typing import Any, BinaryIO, Literal
 
 from . import handoff
@@ -144,6 +146,24 @@ def _drive_handshake(sock: socket.socket, handshake: Handshake) -> None:
         _send_quietly(sock, handshake.data_to_send())
         raise
     sock.sendall(handshake.data_to_send())
+
+
+@contextlib.contextmanager
+def _nonblocking_view(sock: socket.socket) -> Iterator[socket.socket]:
+    """A second socket object on ``sock``'s descriptor, non-blocking, for calls that must not wait.
+
+    CPython polls a socket that has a timeout before each call, whatever the flags, so a non-blocking
+    attempt needs an object whose timeout is 0. The descriptor's ``O_NONBLOCK`` is shared: a socket with a
+    timeout already has it set; a blocking socket gets it back cleared.
+    """
+    view = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+    try:
+        view.setblocking(False)
+        yield view
+    finally:
+        if sock.gettimeout() is None:
+            view.setblocking(True)
+        view.detach()
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
@@ -301,7 +321,7 @@ class Stream:
         one would return it in pieces); application data beyond ``bufsize`` waits in ``_plaintext``.
         """
         try:
-            record = syscalls.recv_record(self._sock, max(bufsize, _RECORD_BUFFER))
+            record = self._recv_record(max(bufsize, _RECORD_BUFFER))
         except RecordError as exc:
             self._run(self._control.record_failed(exc))
             raise  # pragma: no cover - _run raised
@@ -316,6 +336,40 @@ class Stream:
             return self._tcp_eof()
         self._run(self._control.receive_record(int(record.content_type), record.data))
         return b"" if self._read_closed else None
+
+    def _recv_record(self, size: int) -> syscalls.Record:
+        """One kernel read that does not trust ``poll()`` first.
+
+        Linux ≥ 6.14 reports a kTLS socket unreadable while it holds a KeyUpdate record it has not returned
+        yet: the read before it looked ahead, decrypted it, and marked a rekey pending, which masks
+        ``POLLIN``. CPython polls a socket with a timeout *before* every call (even with ``MSG_DONTWAIT``), so
+        such a read would sit out its whole timeout with the KeyUpdate waiting. With a timeout we therefore
+        try the read first and wait only when it would block. Blocking (no timeout) and non-blocking
+        sockets call ``recvmsg`` directly, which sees the held record.
+        """
+        try:
+            timeout = self._sock.gettimeout()
+            if not timeout:
+                return syscalls.recv_record(self._sock, size)
+            deadline = time.monotonic() + timeout
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            while True:
+                try:
+                    with _nonblocking_view(self._sock) as view:
+                        return syscalls.recv_record(view, size)
+                except BlockingIOError:
+                    pass
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("timed out")
+                poller.poll(remaining * 1000)
+        except KernelTLSFailure as exc:
+            # A TCP reset (or broken pipe) is not a TLS failure: surface it as the socket error it is, so
+            # ``except ConnectionResetError`` works as it does with ssl.SSLSocket.
+            if isinstance(exc.__cause__, ConnectionError):
+                raise exc.__cause__ from None
+            raise
 
     def _tcp_eof(self) -> bytes:
         """TCP EOF. With a close_notify first it is the clean end; without, a ragged EOF."""
@@ -575,16 +629,17 @@ class Stream:
         unread data makes the kernel send a reset, which can destroy our last records at the peer."""
         # Non-blocking for good: a socket timeout would make Python wait for data before each read.
         self._sock.setblocking(False)
-        for _ in range(64):
-            try:
-                if self.kernel_rx:
-                    record = syscalls.recv_record(self._sock, _RECORD_BUFFER, socket.MSG_DONTWAIT)
-                    if not record.data and record.content_type is None:
+        try:
+            with _nonblocking_view(self._sock) as view:  # MSG_DONTWAIT alone still waits out a timeout
+                for _ in range(64):
+                    if self.kernel_rx:
+                        record = syscalls.recv_record(view, _RECORD_BUFFER)
+                        if not record.data and record.content_type is None:
+                            return
+                    elif not view.recv(_RECORD_BUFFER):
                         return
-                elif not self._sock.recv(_RECORD_BUFFER, socket.MSG_DONTWAIT):
-                    return
-            except OSError:
-                return
+        except OSError:
+            return
 
     def detach(self) -> int:
         raise NotImplementedError("a kernel TLS socket cannot be detached")
