@@ -80,6 +80,7 @@ _RECORD_BUFFER = MAX_PLAINTEXT + 256
 #: fatal alert.
 _CLOSE_TIMEOUT = 2.0
 _DRAIN_TIMEOUT = 0.5
+_LINGER = 1.0
 
 
 def wrap_socket(
@@ -618,28 +619,41 @@ class Stream:
         try:
             if self._control.error is None and not self._control.write_closed:
                 self._close_notify()
-            self._discard_unread()
+            self._linger()
         except OSError:
             pass
         finally:
             self._sock.close()
 
-    def _discard_unread(self) -> None:
-        """Read what already arrived (typically TLS 1.3 tickets nobody asked for): closing a socket with
-        unread data makes the kernel send a reset, which can destroy our last records at the peer."""
-        # Non-blocking for good: a socket timeout would make Python wait for data before each read.
-        self._sock.setblocking(False)
-        try:
-            with _nonblocking_view(self._sock) as view:  # MSG_DONTWAIT alone still waits out a timeout
-                for _ in range(64):
+    def _linger(self) -> None:
+        """Half-close, then read and discard until the peer's FIN (at most ``_LINGER`` seconds).
+
+        Closing a socket with unread data makes the kernel send a reset, and a reset makes the peer's kernel
+        drop what it had not yet delivered — our last records and our close_notify. The usual culprit is a
+        TLS 1.3 server's NewSessionTickets, which it writes only once it has read our Finished, so they can
+        land just as we close. Waiting for the peer's FIN (as web servers' "lingering close" does) closes
+        that window; a peer that never closes costs at most ``_LINGER``.
+        """
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _LINGER
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
+        with _nonblocking_view(self._sock) as view:  # MSG_DONTWAIT alone still waits out a timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                if not poller.poll(remaining * 1000):
+                    return
+                try:
                     if self.kernel_rx:
                         record = syscalls.recv_record(view, _RECORD_BUFFER)
                         if not record.data and record.content_type is None:
-                            return
+                            return  # the peer's FIN
                     elif not view.recv(_RECORD_BUFFER):
                         return
-        except OSError:
-            return
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return  # reset, or a record the kernel refuses: nothing more to wait for
 
     def detach(self) -> int:
         raise NotImplementedError("a kernel TLS socket cannot be detached")
