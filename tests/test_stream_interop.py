@@ -222,6 +222,7 @@ def test_peer_key_update_with_s_client(support: KernelSupport, rsa_cert: CertFil
     case: Case = ("TLS_AES_128_GCM_SHA256", "-tls1_3", [], ssl.TLSVersion.TLSv1_3, None, "rsa")
     context = server_context(case, rsa_cert)
     outcome: dict[str, object] = {}
+    got_before = threading.Event()
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
@@ -237,6 +238,8 @@ def test_peer_key_update_with_s_client(support: KernelSupport, rsa_cert: CertFil
                         if not chunk:
                             break
                         data += chunk
+                        if data == b"before\n":
+                            got_before.set()
                     outcome["data"] = data
                     stream.sendall(b"reply under the new key\n")
             except BaseException as exc:
@@ -250,11 +253,19 @@ def test_peer_key_update_with_s_client(support: KernelSupport, rsa_cert: CertFil
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0
         ) as client:
             assert client.stdin is not None
+            # s_client sees a command only in a line read alone from stdin: each line waits for the one
+            # before it to have arrived (at the server, or as a KeyUpdate the kernel counted).
+            received_updates = (read_tls_stat() or {}).get("TlsRxRekeyReceived", 0)
             try:
-                for line in (b"before\n", b"K\n", b"after\n"):  # K: s_client sends KeyUpdate(update_requested)
-                    client.stdin.write(line)
-                    client.stdin.flush()
-                    time.sleep(1)
+                client.stdin.write(b"before\n")
+                assert got_before.wait(60), outcome
+                client.stdin.write(b"K\n")  # K: s_client sends KeyUpdate(update_requested)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and thread.is_alive():
+                    if (read_tls_stat() or {}).get("TlsRxRekeyReceived", 0) > received_updates:
+                        break
+                    time.sleep(0.05)
+                client.stdin.write(b"after\n")
             except BrokenPipeError:
                 pass  # s_client exited: our server refused the KeyUpdate and closed (kernels < 6.14)
             thread.join(60)

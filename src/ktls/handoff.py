@@ -17,12 +17,13 @@ Nothing here reads or writes application data; the callers do, each with its own
 from __future__ import annotations
 
 import dataclasses
+import errno
 import socket
 import ssl
 
 from .constants import TLSVersion
 from .control import ControlRecords, Role
-from .errors import KernelTLSUnavailable
+from .errors import KernelTLSConfigError, KernelTLSUnavailable
 from .handshake import Handshake, HandshakeResult
 from .kernel import syscalls
 from .kernel.probe import KernelSupport, probe
@@ -101,10 +102,10 @@ def install(sock: socket.socket, keys: ConnectionKeys, result: HandshakeResult, 
         syscalls.setup_ulp(sock)
         tx = keys.crypto_info(Direction.TX, result.tx_seq, result.tx_explicit_nonce)
         syscalls.set_crypto_info(sock, Direction.TX, tx)
-    except KernelTLSUnavailable as exc:
+    except (KernelTLSUnavailable, KernelTLSConfigError) as exc:
         # Nothing was given to the kernel (a ULP without keys passes bytes through): userspace goes on.
         installed.control = ControlRecords(result.version, role, None)
-        installed.fallback_reason = str(exc)
+        installed.fallback_reason = _refusal(exc)
         return installed
     installed.kernel_tx = True
     cipher = keys.suite.kernel_cipher
@@ -122,10 +123,21 @@ def install_rx(sock: socket.socket, keys: ConnectionKeys, rx_seq: int, installed
     installed.rx_deferred = False
     try:
         syscalls.set_crypto_info(sock, Direction.RX, keys.crypto_info(Direction.RX, rx_seq))
-    except KernelTLSUnavailable as exc:
-        installed.fallback_reason = f"receive stays in user space: {exc}"
+    except (KernelTLSUnavailable, KernelTLSConfigError) as exc:
+        installed.fallback_reason = f"receive stays in user space: {_refusal(exc)}"
         return
     installed.kernel_rx = True
+
+
+def _refusal(exc: KernelTLSUnavailable | KernelTLSConfigError) -> str:
+    """Why the kernel did not take a key. The kernel attaches TLS only to an ESTABLISHED connection: a peer
+    that closed (or reset) right after the handshake leaves the socket in CLOSE_WAIT and the attempt fails
+    with ``ENOTCONN`` — userspace TLS can still read what it sent. Any other configuration error is a bug."""
+    if isinstance(exc, KernelTLSUnavailable):
+        return str(exc)
+    if exc.errno != errno.ENOTCONN:
+        raise exc
+    return f"the peer closed the connection before the hand-off to the kernel ({exc})"
 
 
 class DeferredReceive:
