@@ -189,3 +189,70 @@ def test_user_keylog_file_keeps_working(
     thread.join(10)
     text = user_log.read_text()
     assert f"CLIENT_TRAFFIC_SECRET_0 {handshake.result().client_random.hex()}" in text
+
+
+# -- HelloRetryRequest and client certificates -------------------------------------------------------------
+
+
+def _ours_as_client(
+    pair: tuple[socket.socket, socket.socket], client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext
+) -> tuple[Handshake, dict[str, object]]:
+    ours, theirs = pair
+    peer: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            tls = server_ctx.wrap_socket(theirs, server_side=True)
+            peer["client_cert"] = tls.getpeercert()
+            tls.sendall(b"hello after the handshake")
+            peer["ok"] = True
+        except Exception as exc:
+            peer["error"] = exc
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    capture = KeylogCapture.for_context(client_ctx)
+    handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost")
+    with capture.handshake():
+        _drive_handshake(ours, handshake)
+        secrets = capture.take(handshake.result().client_random)
+    assert secrets is not None
+    keys = ConnectionKeys.from_handshake(handshake.result(), secrets, server_side=False)
+    rx = reference_for(keys.crypto_info(Direction.RX, handshake.result().rx_seq))
+    opened = [rx.open(r) for r in recv_records(ours, 3)]  # two tickets, then the data
+    assert [r.content_type for r in opened] == [
+        ContentType.HANDSHAKE,
+        ContentType.HANDSHAKE,
+        ContentType.APPLICATION_DATA,
+    ]
+    assert opened[-1].plaintext == b"hello after the handshake"
+    thread.join(10)
+    assert peer.get("ok"), peer.get("error")
+    return handshake, peer
+
+
+def test_hello_retry_request(pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
+    """The server accepts only P-384, the client's first key share is X25519: a HelloRetryRequest, a second
+    ClientHello with the same random (RFC 8446 §4.1.2), and the keys still match."""
+    server_ctx, client_ctx = contexts(ssl.TLSVersion.TLSv1_3, None, rsa_cert)
+    server_ctx.set_ecdh_curve("secp384r1")
+    hellos: list[object] = []
+
+    def count_client_hellos(*args: object) -> None:  # (conn, direction, version, content_type, msg_type, data)
+        if args[1] == "write" and getattr(args[4], "name", "") == "CLIENT_HELLO":
+            hellos.append(args[4])
+
+    client_ctx._msg_callback = count_client_hellos  # type: ignore[attr-defined]  # CPython's debug hook
+    _ours_as_client(pair, client_ctx, server_ctx)
+    assert len(hellos) == 2, "the server should have asked for a second ClientHello"
+
+
+def test_client_certificate(
+    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, ecdsa_cert: CertFiles
+) -> None:
+    server_ctx, client_ctx = contexts(ssl.TLSVersion.TLSv1_3, None, rsa_cert)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(ecdsa_cert.cert)
+    client_ctx.load_cert_chain(ecdsa_cert.cert, ecdsa_cert.key)
+    _, peer = _ours_as_client(pair, client_ctx, server_ctx)
+    assert peer["client_cert"]
