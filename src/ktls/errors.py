@@ -9,6 +9,10 @@ There are two axes, and every class sits on exactly one:
   oversized record, malformed header), a rekey is pending, the socket was in the wrong state. Each record
   failure names the TLS alert a peer should be sent (``alert``), so the code that catches it knows what to say.
 
+A third family is the TLS conversation itself (:class:`TLSProtocolError`): :class:`PeerMisbehaved` (we sent
+the fatal ``alert`` it names), :class:`AlertReceived` (the peer sent one), :class:`RaggedEOF` (TCP ended
+without close_notify), and :class:`StreamClosed` for writes after close_notify (never a silent 0).
+
 All of them are :class:`OSError` subclasses that keep the kernel's ``errno``, so code that already handles
 socket errors keeps working. Messages say what happened in words; they never contain key material.
 """
