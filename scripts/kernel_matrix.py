@@ -852,9 +852,6 @@ def stage2_script(kernel: CachedKernel, plan: GuestPlan, modprobe: Path) -> str:
 fail() {{ echo "ktls-init: $*"; sync; poweroff -f; }}
 uname -r > /ctl/release
 mount -t 9p -o {NINEP_OPTIONS},ro,cache=loose hostroot /newroot || fail "cannot mount the host root"
-# cache=loose on the project too: imports from the venv got 2-3x faster; nothing on the host writes there
-# while the guest runs, and the guest's own writes (JUnit) are flushed by the sync before power-off.
-mount -t 9p -o {NINEP_OPTIONS},cache=loose project /newroot{project} || fail "cannot mount the project"
 mount -t proc proc /newroot/proc || fail "cannot mount /proc"
 mount -t sysfs sysfs /newroot/sys || fail "cannot mount /sys"
 mount -t devtmpfs devtmpfs /newroot/dev || fail "cannot mount /dev"
@@ -863,6 +860,11 @@ mount -t devpts -o ptmxmode=0666 devpts /newroot/dev/pts || fail "cannot mount /
 for directory in /dev/shm /tmp /run /var/tmp; do
     mount -t tmpfs -o mode=1777 tmpfs "/newroot$directory" || fail "cannot mount tmpfs on $directory"
 done
+# The project after the tmpfs mounts, so that a checkout under /tmp (where CI may clone) is not hidden.
+# cache=loose on the project too: imports from the venv got 2-3x faster; nothing on the host writes there
+# while the guest runs, and the guest's own writes (JUnit) are flushed by the sync before power-off.
+mkdir -p /newroot{project}
+mount -t 9p -o {NINEP_OPTIONS},cache=loose project /newroot{project} || fail "cannot mount the project"
 ip link set lo up || fail "cannot bring up loopback"
 # Load modules on demand like a real system: the kernel runs this wrapper, which runs the host's modprobe
 # (kmod) inside the chroot on this kernel's cached module tree. The wrapper lives in the initramfs because
