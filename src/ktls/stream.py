@@ -69,6 +69,7 @@ from .handshake import Handshake, HandshakeResult
 from .kernel import syscalls
 from .kernel.uapi import Direction
 from .keys import ConnectionKeys
+from .sendbudget import SendBudget
 
 __all__ = ["Stream", "wrap_socket"]
 
@@ -183,9 +184,6 @@ class Stream:
     (``version()``, ``cipher()``, ``getpeercert()``, ``session``…).
     """
 
-    #: Records sent under one key before a TLS 1.3 send-key update (per cipher: ``handoff.RECORD_LIMITS``).
-    record_limit: int | None
-
     def __init__(
         self,
         sock: socket.socket,
@@ -211,8 +209,7 @@ class Stream:
         self._closed = False
         self._io_refs = 0
         self._userspace_unsent = bytearray()
-        self._tx_records_bound = 0
-        self.record_limit = None
+        self._budget = SendBudget(None)
         self._read_closed = False
         self._deferred: handoff.DeferredReceive | None = None
         if keys is None or result is None:
@@ -224,8 +221,7 @@ class Stream:
         self._control = installed.control
         self.kernel_tx, self.kernel_rx = installed.kernel_tx, installed.kernel_rx
         self.fallback_reason = installed.fallback_reason
-        self.record_limit = installed.record_limit
-        self._tx_records_bound = result.tx_seq
+        self._budget = SendBudget(installed.record_limit, result.tx_seq)
         if installed.rx_deferred:
             self._deferred = handoff.DeferredReceive(keys)
 
@@ -495,17 +491,23 @@ class Stream:
         file.seek(offset + total)
         return total
 
+    @property
+    def record_limit(self) -> int | None:
+        """Records sent under one key before a TLS 1.3 send-key update (per cipher: ``handoff.RECORD_LIMITS``);
+        ``None`` when no update is due or possible."""
+        return self._budget.limit
+
+    @record_limit.setter
+    def record_limit(self, limit: int | None) -> None:
+        self._budget.limit = limit
+
     def _count_records(self, sent: int) -> None:
-        """Keep an upper bound of records sent; near the AEAD's limit, ask the kernel and update the key."""
-        if self.record_limit is None:
-            return
-        self._tx_records_bound += 1 + sent // MAX_PLAINTEXT
-        if self._tx_records_bound < self.record_limit:
+        """Near the AEAD's limit (:class:`~ktls.sendbudget.SendBudget`), ask the kernel and update the key."""
+        if not self._budget.sent(sent):
             return
         info = syscalls.get_crypto_info(self._sock, Direction.TX)
-        self._tx_records_bound = info.rec_seq if info is not None else self.record_limit
-        if self._tx_records_bound >= self.record_limit:
-            log.info("updating the send key after %d records (RFC 8446 §5.5)", self._tx_records_bound)
+        if self._budget.kernel_count(info.rec_seq if info is not None else None):
+            log.info("updating the send key after %d records (RFC 8446 §5.5)", self._budget.bound)
             self.key_update()
 
     def key_update(self, request_peer_update: bool = False) -> None:
@@ -528,7 +530,7 @@ class Stream:
             elif isinstance(action, InstallKey):
                 syscalls.set_crypto_info(self._sock, action.direction, action.info)
                 if action.direction is Direction.TX:
-                    self._tx_records_bound = 0
+                    self._budget.rekeyed()
             elif isinstance(action, ReadClosed):
                 self._read_closed = True
             elif isinstance(action, WriteClosed):
