@@ -1,22 +1,47 @@
-"""``ktls bench``: the same workloads over plain TCP, stdlib ``ssl``, and ktls — ratios from one run.
+"""``ktls bench``: the same workloads over plain TCP, stdlib ``ssl``, asyncio's SSL and ktls — ratios from one run.
 
-Every workload runs both ends in this process over loopback, so the CPU time (user + system, all threads,
-from ``getrusage``) is the whole cost of moving the bytes, the kernel's crypto included. Absolute numbers
-depend on the machine (under software emulation AES is very slow); the ratios between rows measured side by
-side in one run are what to read. Rows:
+Every workload runs both ends in this process over loopback (127.0.0.1), so the CPU time (user + system, all
+threads, from ``getrusage``) is the whole cost of moving the bytes, the kernel's crypto included. Absolute
+numbers depend on the machine (under software emulation AES is very slow); the ratios between rows measured
+side by side in one run are what to read. Rows (workload: variants):
 
 * ``bulk``: one-way transfer of ``--size`` MiB in 64 KiB writes; the reader discards.
-* ``file``: the same bytes from a file: ``sendfile`` where the path allows it (plain TCP, ktls), the best
-  each baseline can do otherwise (``SSLSocket.sendfile`` falls back to read + send).
-* ``limit``: the kernel-crypto ceiling — kTLS TX of the file with ``sendfile`` to a receiver that discards
-  the raw records without decrypting them.
-* ``rr``: 1 KiB request / 1 KiB response round trips per second on one connection.
-* ``handshake``: connections per second: the ``ssl`` handshake alone vs handshake + kernel hand-off.
-* ``idle``: memory per idle connection (RSS growth / connections), both ends in this process.
+
+  - ``plain TCP``, ``ssl`` (``ssl.SSLSocket``), ``ktls`` (``ktls.Stream``): a sending thread and a
+    ``recv_into`` thread.
+  - ``asyncio SSL`` (``asyncio.open_connection``/``loop.create_server`` with ``ssl=``) and ``ktls asyncio``
+    (``ktls.asyncio.open_connection``/``create_server``, the same code): one event loop (``asyncio.run``,
+    fresh per row) holds both ends; the client does ``writer.write`` + ``await writer.drain()``, the server is
+    a ``BufferedProtocol`` that counts into one reused buffer.
+
+* ``file``: the same bytes from a file.
+
+  - ``plain TCP``, ``ssl``, ``ktls``: ``socket.sendfile`` — ``os.sendfile`` for plain TCP and ktls,
+    ``SSLSocket.sendfile`` falls back to read + send.
+  - ``asyncio SSL loop.sendfile`` and ``ktls loop.sendfile``: ``await loop.sendfile(writer.transport, file)``
+    to the same counting protocol; asyncio's SSL transport gets the loop's read + write fallback, the ktls
+    transport the loop's native ``os.sendfile`` path (``fallback=False`` where the kernel sends, so a silent
+    fallback cannot pass for zero-copy).
+
+* ``limit``: ``kTLS sendfile, raw receiver``, the kernel-crypto ceiling — kTLS TX of the file with
+  ``sendfile`` to a receiver that discards the raw records without decrypting them. Only with kTLS.
+* ``rr``: ``plain TCP``, ``ssl``, ``ktls``: 1 KiB request / 1 KiB response round trips per second on one
+  connection.
+* ``handshake``: ``ssl``, ``ktls``: connections per second: the ``ssl`` handshake alone vs handshake + kernel
+  hand-off.
+* ``idle``: ``plain TCP``, ``ssl``, ``ktls``: memory per idle connection (RSS growth / connections), both ends
+  in this process.
+
+Without kTLS the ktls variants run over their userspace fallback and say so in their label
+(``ktls asyncio (fallback: no kTLS)``); with it they insist on the kernel (``require_kernel=True``), so a row
+labelled ktls is kernel TLS. :func:`targets` relates the rows to the goals of the benchmark issue; a goal whose
+rows are missing or fallback is ``n/a``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,18 +52,34 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from .asyncio import create_server as ktls_create_server
+from .asyncio import open_connection as ktls_open_connection
 from .kernel.probe import probe
 from .serve.certificate import load_default_certificate
 from .stream import Stream, wrap_socket
 
-__all__ = ["BenchResult", "main", "run"]
+__all__ = ["BenchResult", "Target", "format_table", "format_targets", "main", "run", "targets"]
 
 CHUNK = 64 * 1024
 MIB = 1024 * 1024
+
+# Variant labels, shared by the rows, the ratio columns and the targets.
+PLAIN = "plain TCP"
+SSL = "ssl"
+KTLS = "ktls"
+ASYNCIO_SSL = "asyncio SSL"
+KTLS_ASYNCIO = "ktls asyncio"
+ASYNCIO_SSL_SENDFILE = "asyncio SSL loop.sendfile"
+KTLS_SENDFILE = "ktls loop.sendfile"
+LIMIT = "kTLS sendfile, raw receiver"
+FALLBACK = " (fallback: no kTLS)"
+
+#: A transfer that takes longer than this is stuck, not slow (64 MiB at TCG's worst is well under it).
+_ASYNC_TIMEOUT = 900.0
 
 
 @dataclasses.dataclass
@@ -93,9 +134,10 @@ def _stdlib(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> Wrap:
     return wrap
 
 
-def _ktls(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> Wrap:
+def _ktls(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, require_kernel: bool) -> Wrap:
     def wrap(sock: socket.socket, server_side: bool) -> Stream:
-        return wrap_socket(sock, server_ctx if server_side else client_ctx, server_side=server_side)
+        context = server_ctx if server_side else client_ctx
+        return wrap_socket(sock, context, server_side=server_side, require_kernel=require_kernel)
 
     return wrap
 
@@ -108,6 +150,19 @@ def _wrap_pair(wrap: Wrap) -> tuple[Any, Any]:
     client = wrap(pair.client, False)
     thread.join()
     return client, result["server"]
+
+
+def _close_pair(client: Any, server: Any) -> None:
+    """Close both ends of a pair driven from one thread without waiting out ``Stream.close``'s linger.
+
+    ``Stream.close`` waits (up to a second) for the peer's FIN before releasing the socket; closing one end and
+    then the other from the same thread would time that out on every connection — an artifact of both ends
+    living here, not a cost a real peer imposes. The server's half-close first lets each end see its peer's FIN.
+    """
+    with contextlib.suppress(OSError):
+        server.shutdown(socket.SHUT_WR)
+    client.close()
+    server.close()
 
 
 def _drain(conn: Any, total: int) -> None:
@@ -137,8 +192,7 @@ def _transfer(wrap: Wrap, size: int, *, file: Path | None = None) -> tuple[float
             sent += CHUNK
     reader.join()
     elapsed, cpu_used = time.perf_counter() - start, _cpu() - cpu
-    client.close()
-    server.close()
+    _close_pair(client, server)
     return elapsed, cpu_used
 
 
@@ -165,8 +219,7 @@ def _limit(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, size: int, fi
         stream.sendfile(handle, 0, size)
     reader.join()
     elapsed, cpu_used = time.perf_counter() - start, _cpu() - cpu
-    stream.close()
-    pair.client.close()
+    _close_pair(stream, pair.client)
     return elapsed, cpu_used
 
 
@@ -185,28 +238,143 @@ def _handshake_over(
         sock.sendall(outgoing.read())
 
 
+# -- asyncio: both ends on one event loop -----------------------------------------------------------------------
+
+OpenConnection = Callable[..., Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+CreateServer = Callable[..., Awaitable[asyncio.AbstractServer]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Asyncio:
+    """One asyncio TLS stack, by asyncio's own names and keywords: the rows differ only in these."""
+
+    open_connection: OpenConnection
+    create_server: CreateServer
+    #: Extra keywords for both calls (``require_kernel`` for ktls on a kTLS kernel).
+    options: dict[str, Any]
+    #: ``loop.sendfile`` must take the native (zero-copy) path: no silent read + write fallback.
+    native_sendfile: bool
+
+
+async def _stdlib_create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], **kwds: Any
+) -> asyncio.AbstractServer:
+    return await asyncio.get_running_loop().create_server(protocol_factory, **kwds)
+
+
+class _Sink(asyncio.BufferedProtocol):
+    """Counts and discards what arrives, into one reused buffer: no allocation per read on either stack."""
+
+    def __init__(self, total: int, connected: asyncio.Future[_Sink], done: asyncio.Future[None]) -> None:
+        self._buffer = bytearray(4 * CHUNK)  # asyncio's transports read at most 256 KiB at a time
+        self._total = total
+        self._connected = connected
+        self._done = done
+        self.received = 0
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if not self._connected.done():
+            self._connected.set_result(self)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += nbytes
+        if self.received >= self._total and not self._done.done():
+            self._done.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        self._ended(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended(exc)
+
+    def _ended(self, exc: Exception | None) -> None:
+        for waiter in (self._connected, self._done):
+            if not waiter.done():
+                error = ConnectionError(f"the connection ended after {self.received} of {self._total} bytes")
+                error.__cause__ = exc
+                waiter.set_exception(error)
+
+
+async def _async_transfer(
+    stack: _Asyncio, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, size: int, file: Path | None
+) -> tuple[float, float]:
+    """Seconds and CPU seconds to move ``size`` bytes client → server on the running loop (handshakes untimed)."""
+    loop = asyncio.get_running_loop()
+    connected: asyncio.Future[_Sink] = loop.create_future()
+    done: asyncio.Future[None] = loop.create_future()
+    # Our own listener, passed as sock=: both stacks take it, and the port needs no Server.sockets.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        server = await stack.create_server(
+            lambda: _Sink(size, connected, done), sock=listener, ssl=server_ctx, **stack.options
+        )
+    except BaseException:
+        listener.close()  # the server owns it only once created
+        raise
+    try:
+        _, writer = await stack.open_connection(
+            "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost", **stack.options
+        )
+        sink = await connected
+        payload = os.urandom(CHUNK)
+        cpu, start = _cpu(), time.perf_counter()
+        if file is None:
+            for sent in range(0, size, CHUNK):
+                writer.write(payload if size - sent >= CHUNK else payload[: size - sent])
+                await writer.drain()
+        else:
+            with file.open("rb") as handle:
+                await loop.sendfile(writer.transport, handle, 0, size, fallback=not stack.native_sendfile)
+        await done
+        elapsed, cpu_used = time.perf_counter() - start, _cpu() - cpu
+        writer.close()
+        if sink.transport is not None:
+            sink.transport.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return elapsed, cpu_used
+
+
+def _run_async_transfer(
+    stack: _Asyncio, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, size: int, file: Path | None = None
+) -> tuple[float, float]:
+    # A fresh loop per row: no row inherits another's executor threads, transports or callbacks.
+    return asyncio.run(asyncio.wait_for(_async_transfer(stack, server_ctx, client_ctx, size, file), _ASYNC_TIMEOUT))
+
+
 def _round_trips(wrap: Wrap, seconds: float) -> float:
     client, server = _wrap_pair(wrap)
     message = os.urandom(1024)
-    stop = threading.Event()
 
     def echo() -> None:
         buffer = bytearray(1024)
-        while True:
-            got = 0
-            while got < 1024:
-                n = server.recv_into(memoryview(buffer)[got:])
-                if not n:
-                    return
-                got += n
-            server.sendall(buffer)
+        try:
+            while True:
+                got = 0
+                while got < 1024:
+                    n = server.recv_into(memoryview(buffer)[got:])
+                    if not n:
+                        return
+                    got += n
+                server.sendall(buffer)
+        finally:
+            server.close()  # here, on the client's EOF: the client's close then sees our FIN at once
 
     thread = threading.Thread(target=echo, daemon=True)
     thread.start()
     count, deadline = 0, time.perf_counter() + seconds
     start = time.perf_counter()
     buffer = bytearray(1024)
-    while time.perf_counter() < deadline and not stop.is_set():
+    while time.perf_counter() < deadline:
         client.sendall(message)
         got = 0
         while got < 1024:
@@ -215,7 +383,6 @@ def _round_trips(wrap: Wrap, seconds: float) -> float:
     rate = count / (time.perf_counter() - start)
     client.close()
     thread.join(5)
-    server.close()
     return rate
 
 
@@ -223,8 +390,7 @@ def _handshakes(wrap: Wrap, seconds: float) -> float:
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         client, server = _wrap_pair(wrap)
-        client.close()
-        server.close()
+        _close_pair(client, server)
         count += 1
     return count / (time.perf_counter() - start)
 
@@ -242,8 +408,7 @@ def _idle_memory(wrap: Wrap, connections: int) -> float:
     held = [_wrap_pair(wrap) for _ in range(connections)]
     per_connection = (_rss_kib() - before) / connections
     for client, server in held:
-        client.close()
-        server.close()
+        _close_pair(client, server)
     return per_connection
 
 
@@ -253,19 +418,29 @@ def run(
     """Run every workload; returns the rows (see the module docstring)."""
     server_ctx, client_ctx = _contexts()
     kernel = probe().available
-    variants: list[tuple[str, Wrap]] = [("plain TCP", _plain), ("ssl", _stdlib(server_ctx, client_ctx))]
-    variants.append(("ktls" if kernel else "ktls (fallback: no kTLS)", _ktls(server_ctx, client_ctx)))
+    # With kTLS a ktls row must be kernel TLS (require_kernel); without it, the label says fallback.
+    suffix = "" if kernel else FALLBACK
+    ktls_only = {"require_kernel": True} if kernel else {}
+    variants: list[tuple[str, Wrap]] = [(PLAIN, _plain), (SSL, _stdlib(server_ctx, client_ctx))]
+    variants.append((KTLS + suffix, _ktls(server_ctx, client_ctx, kernel)))
+    stdlib_asyncio = _Asyncio(asyncio.open_connection, _stdlib_create_server, {}, native_sendfile=False)
+    ktls_asyncio = _Asyncio(ktls_open_connection, ktls_create_server, ktls_only, native_sendfile=kernel)
     size = size_mib * MIB
+    gib = size / 2**30
     results: list[BenchResult] = []
 
     def note(result: BenchResult) -> None:
         results.append(result)
         if progress is not None:
             print(
-                f"  {result.workload:<10} {result.variant:<28} {result.value:12.1f} {result.unit}",
+                f"  {result.workload:<10} {result.variant:<40} {result.value:12.1f} {result.unit}",
                 file=progress,
                 flush=True,
             )
+
+    def transfer(workload: str, variant: str, timing: tuple[float, float], how: str = "") -> None:
+        elapsed, cpu = timing
+        note(BenchResult(workload, variant, size / MIB / elapsed, "MiB/s", cpu / gib, how))
 
     with tempfile.TemporaryDirectory() as scratch:
         file = Path(scratch) / "payload.bin"
@@ -274,17 +449,20 @@ def run(
             for _ in range(size_mib):
                 out.write(block)
         for name, wrap in variants:
-            elapsed, cpu = _transfer(wrap, size)
-            note(BenchResult("bulk", name, size / MIB / elapsed, "MiB/s", cpu / (size / 2**30)))
+            transfer("bulk", name, _transfer(wrap, size))
+        transfer("bulk", ASYNCIO_SSL, _run_async_transfer(stdlib_asyncio, server_ctx, client_ctx, size))
+        transfer("bulk", KTLS_ASYNCIO + suffix, _run_async_transfer(ktls_asyncio, server_ctx, client_ctx, size))
         for name, wrap in variants:
-            elapsed, cpu = _transfer(wrap, size, file=file)
-            how = "sendfile" if name != "ssl" else "read+send (SSLSocket.sendfile)"
-            note(BenchResult("file", name, size / MIB / elapsed, "MiB/s", cpu / (size / 2**30), how))
+            how = "read+send (SSLSocket.sendfile)" if name == SSL else "sendfile"
+            transfer("file", name, _transfer(wrap, size, file=file), how)
+        # asyncio's SSL transport is FALLBACK for loop.sendfile: 16 KiB readinto in the executor, then write.
+        timing = _run_async_transfer(stdlib_asyncio, server_ctx, client_ctx, size, file)
+        transfer("file", ASYNCIO_SSL_SENDFILE, timing, "read+write (asyncio fallback)")
+        timing = _run_async_transfer(ktls_asyncio, server_ctx, client_ctx, size, file)
+        how = "sendfile (native)" if kernel else "read+write (asyncio fallback)"
+        transfer("file", KTLS_SENDFILE + suffix, timing, how)
         if kernel:
-            elapsed, cpu = _limit(server_ctx, client_ctx, size, file)
-            note(
-                BenchResult("limit", "kTLS sendfile, raw receiver", size / MIB / elapsed, "MiB/s", cpu / (size / 2**30))
-            )
+            transfer("limit", LIMIT, _limit(server_ctx, client_ctx, size, file))
     for name, wrap in variants:
         note(BenchResult("rr", name, _round_trips(wrap, seconds), "round trips/s"))
     for name, wrap in variants[1:]:
@@ -294,17 +472,70 @@ def run(
     return results
 
 
-def format_table(results: list[BenchResult]) -> str:
-    """One line per row, with ratios against plain TCP and stdlib ssl of the same workload."""
+@dataclasses.dataclass
+class Target:
+    """A goal of the benchmark issue: ``value`` (``None`` when its rows are missing) against ``target``."""
+
+    name: str
+    value: float | None
+    target: float
+    met: bool | None
+
+
+#: (name, numerator row, denominator row, at least): the issue's goals, as ratios of rows of one run.
+TARGETS: list[tuple[str, tuple[str, str], tuple[str, str], float]] = [
+    ("ktls bulk ÷ limit", ("bulk", KTLS), ("limit", LIMIT), 0.95),
+    ("ktls asyncio bulk ÷ ktls bulk", ("bulk", KTLS_ASYNCIO), ("bulk", KTLS), 0.9),
+    ("ktls loop.sendfile ÷ asyncio SSL loop.sendfile", ("file", KTLS_SENDFILE), ("file", ASYNCIO_SSL_SENDFILE), 4.0),
+    ("ktls loop.sendfile ÷ limit", ("file", KTLS_SENDFILE), ("limit", LIMIT), 0.95),
+    ("ktls handshake ÷ ssl handshake", ("handshake", KTLS), ("handshake", SSL), 0.9),
+    ("ktls rr ÷ ssl rr", ("rr", KTLS), ("rr", SSL), 1.3),
+]
+
+
+def targets(results: list[BenchResult]) -> list[Target]:
+    """The issue's goals computed from ``results``; rows looked up by exact label, so fallback rows give n/a."""
     by_key = {(r.workload, r.variant): r for r in results}
-    lines = [f"{'workload':<10} {'variant':<30} {'value':>12} {'unit':<16} {'CPU s/GiB':>9} {'×TCP':>6} {'×ssl':>6}"]
+    measured: list[Target] = []
+    for name, top, bottom, goal in TARGETS:
+        num, den = by_key.get(top), by_key.get(bottom)
+        value = num.value / den.value if num is not None and den is not None and den.value else None
+        measured.append(Target(name, value, goal, None if value is None else value >= goal))
+    return measured
+
+
+def format_targets(measured: list[Target]) -> str:
+    width = max(len(t.name) for t in measured)
+    lines = [f"{'target':<{width}} {'value':>6} {'goal':>6}  met"]
+    for t in measured:
+        value = f"{t.value:6.2f}" if t.value is not None else "   n/a"
+        met = "n/a" if t.met is None else ("yes" if t.met else "no")
+        lines.append(f"{t.name:<{width}} {value} {'≥' + format(t.target, '.2f'):>6}  {met}")
+    return "\n".join(lines)
+
+
+def format_table(results: list[BenchResult]) -> str:
+    """One line per row, with ratios against plain TCP and stdlib ssl of the same workload, and (transfers)
+    against the kernel-crypto limit."""
+    by_key = {(r.workload, r.variant): r for r in results}
+    limit = by_key.get(("limit", LIMIT))
+    width = max([30, *(len(r.variant) for r in results)])
+
+    def ratio(value: float, base: BenchResult | None) -> str:
+        return f"{value / base.value:6.2f}" if base is not None and base.value else "     -"
+
+    lines = [
+        f"{'workload':<10} {'variant':<{width}} {'value':>12} {'unit':<16} {'CPU s/GiB':>9}"
+        f" {'×TCP':>6} {'×ssl':>6} {'×limit':>6}"
+    ]
     for r in results:
-        tcp = by_key.get((r.workload, "plain TCP"))
-        stdlib = by_key.get((r.workload, "ssl"))
-        ratio_tcp = f"{r.value / tcp.value:6.2f}" if tcp and tcp.value else "     -"
-        ratio_ssl = f"{r.value / stdlib.value:6.2f}" if stdlib and stdlib.value else "     -"
         cpu = f"{r.cpu_per_gib:9.2f}" if r.cpu_per_gib is not None else "        -"
-        lines.append(f"{r.workload:<10} {r.variant:<30} {r.value:12.1f} {r.unit:<16} {cpu} {ratio_tcp} {ratio_ssl}")
+        to_limit = ratio(r.value, limit) if r.workload in ("bulk", "file") else "     -"
+        lines.append(
+            f"{r.workload:<10} {r.variant:<{width}} {r.value:12.1f} {r.unit:<16} {cpu}"
+            f" {ratio(r.value, by_key.get((r.workload, PLAIN)))} {ratio(r.value, by_key.get((r.workload, SSL)))}"
+            f" {to_limit}"
+        )
     return "\n".join(lines)
 
 
@@ -313,12 +544,14 @@ def main(size_mib: int, seconds: float, connections: int, as_json: bool, out: Te
     header = f"ktls bench: kernel {support.kernel_release}, kTLS {'yes' if support.available else 'no'}, {size_mib} MiB"
     print(header, file=sys.stderr)
     results = run(size_mib, seconds, connections, progress=sys.stderr)
+    measured = targets(results)
     if as_json:
         json.dump(
             {
                 "kernel": support.kernel_release,
                 "ktls": support.available,
                 "results": [dataclasses.asdict(r) for r in results],
+                "targets": [dataclasses.asdict(t) for t in measured],
             },
             out,
             indent=2,
@@ -326,4 +559,6 @@ def main(size_mib: int, seconds: float, connections: int, as_json: bool, out: Te
         out.write("\n")
     else:
         print(format_table(results), file=out)
+        print(file=out)
+        print(format_targets(measured), file=out)
     return 0
