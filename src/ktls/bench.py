@@ -505,10 +505,12 @@ def targets(results: list[BenchResult]) -> list[Target]:
 
 
 def format_targets(measured: list[Target]) -> str:
+    """The targets block printed after the table: measured ratio, goal, met (``n/a`` without the rows)."""
     width = max(len(t.name) for t in measured)
-    lines = [f"{'target':<{width}} {'value':>6} {'goal':>6}  met"]
+    lines = [f"{'target':<{width}} {'value':>7} {'goal':>6}  met"]
     for t in measured:
-        value = f"{t.value:6.2f}" if t.value is not None else "   n/a"
+        # Three decimals: 0.895 against ≥0.90 must not print as a failed "0.90".
+        value = f"{t.value:7.3f}" if t.value is not None else "    n/a"
         met = "n/a" if t.met is None else ("yes" if t.met else "no")
         lines.append(f"{t.name:<{width}} {value} {'≥' + format(t.target, '.2f'):>6}  {met}")
     return "\n".join(lines)
