@@ -256,3 +256,52 @@ def test_client_certificate(
     client_ctx.load_cert_chain(ecdsa_cert.cert, ecdsa_cert.key)
     _, peer = _ours_as_client(pair, client_ctx, server_ctx)
     assert peer["client_cert"]
+
+
+@pytest.mark.parametrize(
+    ("version", "ours_is_server"),
+    [(ssl.TLSVersion.TLSv1_3, True), (ssl.TLSVersion.TLSv1_2, False)],
+    ids=["tls13-ours-server", "tls12-ours-client"],
+)
+def test_data_right_behind_the_last_handshake_record_stays_in_the_socket(
+    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, version: ssl.TLSVersion, ours_is_server: bool
+) -> None:
+    """The peer's last flight and its first application record leave in one write, so they arrive together
+    and the handshake's peek sees both: OpenSSL may have only the flight, and the data record must still be
+    in the socket, first in line for the kernel's receive key."""
+    server_ctx, client_ctx = contexts(version, None, rsa_cert)
+    ours_ctx, peer_ctx = (server_ctx, client_ctx) if ours_is_server else (client_ctx, server_ctx)
+    ours, theirs = pair
+    failure: list[BaseException] = []
+
+    def peer() -> None:
+        try:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = peer_ctx.wrap_bio(incoming, outgoing, server_side=not ours_is_server, server_hostname="localhost")
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    theirs.sendall(outgoing.read())
+                    incoming.write(theirs.recv(65536))
+            tls.write(b"right behind the handshake")
+            theirs.sendall(outgoing.read())  # last flight + data record: one write
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    capture = KeylogCapture.for_context(ours_ctx)
+    handshake = Handshake(ours_ctx, server_side=ours_is_server, server_hostname=None if ours_is_server else "localhost")
+    with capture.handshake():
+        _drive_handshake(ours, handshake)
+        result = handshake.result()
+        secrets = capture.take(result.client_random)
+    thread.join(10)
+    assert not failure, failure
+    assert secrets is not None
+    keys = ConnectionKeys.from_handshake(result, secrets, server_side=ours_is_server)
+    rx = reference_for(keys.crypto_info(Direction.RX, result.rx_seq))
+    opened = rx.open(recv_records(ours, 1)[0])
+    assert (opened.content_type, opened.plaintext) == (ContentType.APPLICATION_DATA, b"right behind the handshake")

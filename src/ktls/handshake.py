@@ -8,6 +8,12 @@ kernel, and they are why this is not just ``SSLContext.wrap_socket``:
   handshake must not read past its last record (rustls/ktls#20: read-ahead puts the kernel mid-record, and
   every later read fails with ``EMSGSIZE``/``EINVAL``). :meth:`Handshake.bytes_needed` says how many bytes
   finish the current record — 5 for a header, then its length — and the I/O layer reads no more than that.
+  A faster way to the same end, for an I/O layer that can peek: :meth:`Handshake.offer` the bytes that have
+  arrived (``MSG_PEEK``: still unread in the socket) — OpenSSL gets every whole record among them at once —
+  and after :meth:`Handshake.step`, :meth:`Handshake.take_offered` says how many of them OpenSSL used: the
+  I/O layer reads exactly those. Records past the handshake's last one (a client's first request right behind
+  its Finished) go back out of OpenSSL's buffer and stay in the socket for the kernel. OpenSSL reads a
+  memory BIO one record at a time (no read-ahead unless asked), so what it leaves is whole records.
 * **Exact sequence numbers.** Both sides count records from the first one protected with the traffic keys.
   TLS 1.3: our send sequence number is the number of records we wrote after our Finished — a server's
   OpenSSL writes its NewSessionTickets (2 by default) in the very step that completes the handshake, so those
@@ -31,7 +37,12 @@ import ssl
 
 from .constants import ContentType, HandshakeType, TLSVersion
 from .tls.errors import TLSProtocolError
-from .tls.records import RecordReader, client_random_from_client_hello, server_random_from_server_hello
+from .tls.records import (
+    RecordReader,
+    client_random_from_client_hello,
+    server_random_from_server_hello,
+    whole_records_length,
+)
 from .tls.suites import suite_by_openssl_name
 
 __all__ = ["Handshake", "HandshakeResult"]
@@ -111,6 +122,7 @@ class Handshake:
         self._sent = _RecordScanner(theirs if server_side else ours)
         self._received = _RecordScanner(ours if server_side else theirs)
         self._unsent = bytearray()
+        self._offered = b""  # whole records given to OpenSSL by offer(), not yet accounted for
         #: Records OpenSSL wrote during the latest :meth:`step` (TLS 1.3 server: its tickets).
         self.last_step_records = 0
 
@@ -138,6 +150,34 @@ class Handshake:
         self._received.feed(raw)
         self.incoming.write(raw)
         return raw
+
+    def offer(self, data: bytes) -> int:
+        """Bytes that have arrived but are still unread in the socket (``MSG_PEEK``): the whole records at
+        their start go to OpenSSL. Returns how many bytes those are; 0 when not even one record is whole —
+        then read it with :meth:`bytes_needed`/:meth:`receive`. Call :meth:`step`, then :meth:`take_offered`.
+        """
+        if self._offered or self._incoming_records.buffered:
+            raise RuntimeError("offer() needs every earlier record accounted for")
+        end = whole_records_length(data)
+        if end:
+            self._offered = data[:end]
+            self.incoming.write(self._offered)
+        return end
+
+    def take_offered(self) -> int:
+        """After :meth:`step`: how many of the offered bytes OpenSSL used — read exactly that many from the
+        socket. What it left (records after the handshake's end) is taken back out of its buffer."""
+        offered, self._offered = self._offered, b""
+        if not offered:
+            return 0
+        left = self.incoming.pending
+        used = len(offered) - left
+        if left:
+            self.incoming.read(left)
+            if whole_records_length(offered[:used]) != used:
+                raise ssl.SSLError("OpenSSL stopped in the middle of a record: cannot hand off exactly")
+        self._received.feed(offered[:used])
+        return used
 
     # -- stepping -----------------------------------------------------------------------------------------------
 

@@ -28,6 +28,12 @@ Edge cases, each handled where named:
   ``ssl`` default) and raises :class:`~ktls.errors.RaggedEOF` otherwise; ``stream.ragged_eof`` tells.
 * **Fatal alerts we send** are followed by a half-close and a short wait for the peer's FIN before the
   descriptor is closed: closing with unread data makes the kernel send a reset that can destroy the alert.
+* **Timeouts are ours.** A socket with a timeout is switched to non-blocking mode and the stream keeps the
+  timeout: each call tries the syscall first and polls only when it would block. CPython would poll *before*
+  every call, and Linux ≥ 6.14 reports a kTLS socket unreadable while it holds a KeyUpdate it has already
+  decrypted ahead (a rekey is pending), so a poll-first read would sit out its timeout with the record waiting.
+  It also saves a syscall per call. A blocking socket (no timeout) stays blocking: ``recvmsg`` sees the held
+  record.
 * **Key-usage limits** (RFC 8446 §5.5): a TLS 1.3 stream updates its send key before the AEAD's limit on
   kernels that can rekey (:attr:`Stream.record_limit`).
 """
@@ -36,16 +42,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import io
 import logging
+import os
 import select
 import socket
 import ssl
+import sys
 import time
-from collections.abc import Iterator
-from typing import Any, BinaryIO, Literal
+from collections.abc import Callable
+from typing import Any, BinaryIO, Literal, TypeVar
 
 from . import handoff
-from .constants import MAX_PLAINTEXT, AlertLevel, ContentType, TLSVersion
+from .constants import MAX_PLAINTEXT, RECORD_HEADER_SIZE, AlertLevel, ContentType, TLSVersion
 from .control import (
     Action,
     ControlRecords,
@@ -75,6 +85,8 @@ __all__ = ["Stream", "wrap_socket"]
 
 log = logging.getLogger("ktls")
 
+_T = TypeVar("_T")
+
 #: Room for one whole record on kernel reads of control records (RFC 8446 §5.2 TLSInnerPlaintext bound).
 _RECORD_BUFFER = MAX_PLAINTEXT + 256
 #: How long close() waits to send a close_notify into a full send buffer, and for the peer's FIN after a
@@ -82,6 +94,12 @@ _RECORD_BUFFER = MAX_PLAINTEXT + 256
 _CLOSE_TIMEOUT = 2.0
 _DRAIN_TIMEOUT = 0.5
 _LINGER = 1.0
+#: Bytes per ``os.sendfile`` call: big enough to amortise the call, small enough to count records for rekeying.
+_SENDFILE_CHUNK = 1 << 24
+#: ``ioctl``: bytes in a TCP socket's send queue not sent yet (``include/uapi/linux/sockios.h``).
+_SIOCOUTQNSD = 0x894B
+#: The most a handshake read peeks at: a whole flight usually (certificate chains rarely pass 16 KiB).
+_HANDSHAKE_PEEK = 65536
 
 
 def wrap_socket(
@@ -132,40 +150,46 @@ def wrap_socket(
     return stream
 
 
-def _recv_exactly_into_handshake(sock: socket.socket, handshake: Handshake) -> None:
-    """Read the rest of one record for the handshake — and not a byte more (module docstring, step 1)."""
-    data = sock.recv(handshake.bytes_needed())
-    handshake.receive(data)
+def _receive_handshake_records(sock: socket.socket, handshake: Handshake) -> None:
+    """Give OpenSSL what it waits for, and not a byte more (module docstring, step 1): every whole record
+    that has arrived, peeked at (:meth:`Handshake.offer`), or else the rest of one record, read exactly."""
+    if handshake.bytes_needed() == RECORD_HEADER_SIZE:  # between records
+        arrived = sock.recv(_HANDSHAKE_PEEK, socket.MSG_PEEK)
+        if arrived and handshake.offer(arrived):
+            return
+    handshake.receive(sock.recv(handshake.bytes_needed()))
+
+
+def _consume(sock: socket.socket, count: int) -> None:
+    """Read and drop ``count`` bytes we have already peeked at (they are in the socket)."""
+    while count > 0:
+        data = sock.recv(count)
+        if not data:
+            raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the socket lost bytes it had shown")
+        count -= len(data)
 
 
 def _drive_handshake(sock: socket.socket, handshake: Handshake) -> None:
     try:
-        while not handshake.step():
+        while True:
+            complete = handshake.step()
+            _consume(sock, handshake.take_offered())
             sock.sendall(handshake.data_to_send())
-            _recv_exactly_into_handshake(sock, handshake)
+            if complete:
+                return
+            _receive_handshake_records(sock, handshake)
     except ssl.SSLError:
         # OpenSSL wrote an alert saying why; the peer deserves to see it.
         _send_quietly(sock, handshake.data_to_send())
         raise
-    sock.sendall(handshake.data_to_send())
 
 
-@contextlib.contextmanager
-def _nonblocking_view(sock: socket.socket) -> Iterator[socket.socket]:
-    """A second socket object on ``sock``'s descriptor, non-blocking, for calls that must not wait.
-
-    CPython polls a socket that has a timeout before each call, whatever the flags, so a non-blocking
-    attempt needs an object whose timeout is 0. The descriptor's ``O_NONBLOCK`` is shared: a socket with a
-    timeout already has it set; a blocking socket gets it back cleared.
-    """
-    view = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+def _unsent(sock: socket.socket) -> int:
+    """Bytes queued on ``sock`` that TCP has not sent yet (``SIOCOUTQNSD``); 0 when it cannot be told."""
     try:
-        view.setblocking(False)
-        yield view
-    finally:
-        if sock.gettimeout() is None:
-            view.setblocking(True)
-        view.detach()
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, bytes(4)), sys.byteorder)
+    except OSError:
+        return 0
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
@@ -197,6 +221,10 @@ class Stream:
     ) -> None:
         """Use :func:`wrap_socket` or :meth:`from_keys`; this constructor is theirs."""
         self._sock = sock
+        self._timeout = sock.gettimeout()
+        if self._timeout:
+            sock.settimeout(0.0)  # we wait ourselves: module docstring, "Timeouts are ours"
+        self._scratch: bytearray | None = None  # where small kernel reads land (``_read_kernel``)
         self._handshake = handshake
         self._sslobj = handshake.ssl_object if handshake is not None else None
         self._keys = keys
@@ -289,8 +317,12 @@ class Stream:
             return b""
         while True:
             data: bytes | None
-            if self.kernel_rx:
-                data = self._read_kernel(bufsize)
+            if self.kernel_rx and bufsize >= _RECORD_BUFFER:
+                data = self._read_kernel_bytes(bufsize)
+            elif self.kernel_rx:
+                buffer = bytearray(bufsize)
+                n = self._read_kernel(memoryview(buffer))
+                data = None if n is None else bytes(memoryview(buffer)[:n])
             elif self._deferred is not None:
                 data = self._read_deferred(self._deferred, bufsize)
             else:
@@ -299,11 +331,35 @@ class Stream:
                 return data
 
     def recv_into(self, buffer: memoryview | bytearray, nbytes: int = 0, flags: int = 0) -> int:
+        """Read up to ``nbytes`` (default: ``len(buffer)``) bytes of application data into ``buffer``."""
+        if flags:
+            raise ValueError("flags are not supported on a TLS stream")
+        self._check_open()
         view = memoryview(buffer).cast("B")
-        size = nbytes or len(view)
-        data = self.recv(size, flags)
-        view[: len(data)] = data
-        return len(data)
+        if nbytes:
+            view = view[:nbytes]
+        if self._plaintext:
+            buffered = min(len(view), len(self._plaintext))
+            view[:buffered] = self._plaintext[:buffered]
+            del self._plaintext[:buffered]
+            return buffered
+        if not view or self._read_closed:
+            return 0
+        while True:
+            n: int | None
+            if self.kernel_rx:
+                n = self._read_kernel(view)
+            else:
+                data = (
+                    self._read_deferred(self._deferred, len(view))
+                    if self._deferred is not None
+                    else self._read_userspace(len(view))
+                )
+                n = None if data is None else len(data)
+                if data:
+                    view[: len(data)] = data
+            if n is not None:
+                return n
 
     def read(self, len: int = 1024, buffer: bytearray | None = None) -> bytes | int:
         """``ssl.SSLSocket.read`` compatibility."""
@@ -311,62 +367,83 @@ class Stream:
             return self.recv_into(buffer, len)
         return self.recv(len)
 
-    def _read_kernel(self, bufsize: int) -> bytes | None:
-        """One ``recvmsg``; ``None`` when it was a control record (the caller reads again).
+    def _read_kernel(self, view: memoryview) -> int | None:
+        """One ``recvmsg`` into ``view``; ``None`` when it was a control record (the caller reads again).
 
-        The buffer always holds a whole record, so a control record comes back whole and typed (a smaller
-        one would return it in pieces); application data beyond ``bufsize`` waits in ``_plaintext``.
+        A buffer that holds a whole record is read into directly: application data is decrypted straight into
+        it (several records at once when they fit). A smaller one goes through ``_scratch``, which does: a
+        control record must come back whole and typed (into a small buffer the kernel would return it in
+        pieces), and application data beyond ``view`` waits in ``_plaintext``.
         """
-        try:
-            record = self._recv_record(max(bufsize, _RECORD_BUFFER))
-        except RecordError as exc:
-            self._run(self._control.record_failed(exc))
-            raise  # pragma: no cover - _run raised
+        if len(view) >= _RECORD_BUFFER:
+            target = view
+        else:
+            if self._scratch is None:
+                self._scratch = bytearray(_RECORD_BUFFER)
+            target = memoryview(self._scratch)
+        content_type, n = self._recv_record_into(target)
+        if content_type == ContentType.APPLICATION_DATA:
+            if self._control.key_updates_since_data:
+                self._control.application_data_received()
+            if target is not view:
+                taken = min(n, len(view))
+                view[:taken] = target[:taken]
+                if n > taken:
+                    self._plaintext += target[taken:n]
+                return taken
+            return n
+        if content_type is None:
+            return len(self._tcp_eof())
+        self._run(self._control.receive_record(int(content_type), bytes(target[:n])))
+        return 0 if self._read_closed else None
+
+    def _read_kernel_bytes(self, bufsize: int) -> bytes | None:
+        """:meth:`_read_kernel` for ``recv`` with a buffer that holds a whole record: no copy after the read."""
+        record = self._wait_for(lambda: syscalls.recv_record(self._sock, bufsize), writing=False)
         if record.content_type == ContentType.APPLICATION_DATA:
             if self._control.key_updates_since_data:
                 self._control.application_data_received()
-            if len(record.data) > bufsize:
-                self._plaintext += record.data[bufsize:]
-                return record.data[:bufsize]
             return record.data
         if record.content_type is None:
             return self._tcp_eof()
         self._run(self._control.receive_record(int(record.content_type), record.data))
         return b"" if self._read_closed else None
 
-    def _recv_record(self, size: int) -> syscalls.Record:
-        """One kernel read that does not trust ``poll()`` first.
+    def _recv_record_into(self, target: memoryview) -> tuple[ContentType | int | None, int]:
+        """One kernel read (through :meth:`_wait_for`); errors as the control-record state machine decides."""
+        content_type, n, _ = self._wait_for(lambda: syscalls.recv_record_into(self._sock, target), writing=False)
+        return content_type, n
 
-        Linux ≥ 6.14 reports a kTLS socket unreadable while it holds a KeyUpdate record it has not returned
-        yet: the read before it looked ahead, decrypted it, and marked a rekey pending, which masks
-        ``POLLIN``. CPython polls a socket with a timeout *before* every call (even with ``MSG_DONTWAIT``), so
-        such a read would sit out its whole timeout with the KeyUpdate waiting. With a timeout we therefore
-        try the read first and wait only when it would block. Blocking (no timeout) and non-blocking
-        sockets call ``recvmsg`` directly, which sees the held record.
+    def _wait_for(self, call: Callable[[], _T], *, writing: bool) -> _T:
+        """``call()`` on our socket, waiting up to the stream's timeout while it would block.
+
+        The syscall comes first and the poll only after ``EAGAIN`` (module docstring, "Timeouts are ours").
+        Errors leave as the socket errors they are — a TCP reset is ``ConnectionResetError``, as with
+        ``ssl.SSLSocket`` — or, for a record the kernel refuses, after the control-record state machine has
+        answered it with an alert.
         """
-        try:
-            timeout = self._sock.gettimeout()
-            if not timeout:
-                return syscalls.recv_record(self._sock, size)
-            deadline = time.monotonic() + timeout
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
-            while True:
-                try:
-                    with _nonblocking_view(self._sock) as view:
-                        return syscalls.recv_record(view, size)
-                except BlockingIOError:
-                    pass
+        deadline: float | None = None
+        while True:
+            try:
+                return call()
+            except BlockingIOError:
+                if not self._timeout:
+                    raise  # a non-blocking stream (a blocking socket never says EAGAIN)
+                if deadline is None:
+                    deadline = time.monotonic() + self._timeout
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError("timed out")
+                    raise TimeoutError("timed out") from None
+                poller = select.poll()
+                poller.register(self._sock, select.POLLOUT if writing else select.POLLIN)
                 poller.poll(remaining * 1000)
-        except KernelTLSFailure as exc:
-            # A TCP reset (or broken pipe) is not a TLS failure: surface it as the socket error it is, so
-            # ``except ConnectionResetError`` works as it does with ssl.SSLSocket.
-            if isinstance(exc.__cause__, ConnectionError):
-                raise exc.__cause__ from None
-            raise
+            except RecordError as exc:
+                self._run(self._control.record_failed(exc))
+                raise  # pragma: no cover - _run raised
+            except KernelTLSFailure as exc:
+                if isinstance(exc.__cause__, ConnectionError):
+                    raise exc.__cause__ from None
+                raise
 
     def _tcp_eof(self) -> bytes:
         """TCP EOF. With a close_notify first it is the clean end; without, a ragged EOF."""
@@ -390,7 +467,7 @@ class Stream:
             return b""
         except ssl.SSLEOFError:
             return self._tcp_eof()
-        data = self._sock.recv(65536)
+        data = self._wait_for(lambda: self._sock.recv(65536), writing=False)
         if not data:
             self._handshake_state().incoming.write_eof()
         else:
@@ -401,7 +478,8 @@ class Stream:
         """TLS 1.3 client between handshake and first application record (:class:`ktls.handoff.DeferredReceive`):
         OpenSSL reads, one record at a time, so that tickets reach ``session`` and the kernel can start
         exactly at the next record."""
-        data = self._sock.recv(self._handshake_state().bytes_needed())
+        wanted = self._handshake_state().bytes_needed()
+        data = self._wait_for(lambda: self._sock.recv(wanted), writing=False)
         if not data:
             return self._tcp_eof()
         record = self._handshake_state().receive(data)
@@ -437,7 +515,7 @@ class Stream:
         self._control.check_writable()
         if not self.kernel_tx:
             return self._send_userspace(data)
-        sent = self._sock.send(data)
+        sent = self._wait_for(lambda: self._sock.send(data), writing=True)
         self._count_records(sent)
         return sent
 
@@ -464,19 +542,49 @@ class Stream:
 
     def _flush_userspace(self) -> None:
         while self._userspace_unsent:
-            sent = self._sock.send(self._userspace_unsent)
+            sent = self._wait_for(lambda: self._sock.send(self._userspace_unsent), writing=True)
             del self._userspace_unsent[:sent]
 
     def sendfile(self, file: BinaryIO, offset: int = 0, count: int | None = None) -> int:
         """Send a file. With the kernel sending, this is ``os.sendfile``: the bytes go from the page cache
-        through the kernel's TLS without a copy into Python. On fallback, a read + send loop."""
+        through the kernel's TLS without a copy into Python. On fallback (or for a file object without a
+        descriptor), a read + send loop. Like ``socket.sendfile``, the file's position ends after the last
+        byte sent; on a non-blocking stream it returns what the socket took (``BlockingIOError`` if nothing)."""
         self._check_open()
         self._control.check_writable()
-        if self.kernel_tx:
-            sent = self._sock.sendfile(file, offset, count)
-            self._count_records(sent)
-            return sent
-        return self._sendfile_userspace(file, offset, count)
+        if not self.kernel_tx:
+            return self._sendfile_userspace(file, offset, count)
+        try:
+            in_fd = file.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            return self._sendfile_userspace(file, offset, count)
+        total = 0
+        try:
+            while count is None or total < count:
+                want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
+                try:
+                    position = offset + total
+                    sent = self._wait_for(
+                        lambda: os.sendfile(self._sock.fileno(), in_fd, position, want),  # noqa: B023 - called now
+                        writing=True,
+                    )
+                except BlockingIOError:
+                    if total:
+                        break  # a non-blocking stream: report what went
+                    raise
+                except OSError as exc:
+                    if total or isinstance(exc, (ConnectionError, TimeoutError)):
+                        raise
+                    # Not a file the kernel can splice from (a pipe, /proc, ...): read it ourselves.
+                    return self._sendfile_userspace(file, offset, count)
+                if not sent:
+                    break  # end of file
+                total += sent
+                self._count_records(sent)
+        finally:
+            if total:
+                file.seek(offset + total)
+        return total
 
     def _sendfile_userspace(self, file: BinaryIO, offset: int, count: int | None) -> int:
         file.seek(offset)
@@ -628,34 +736,45 @@ class Stream:
             self._sock.close()
 
     def _linger(self) -> None:
-        """Half-close, then read and discard until the peer's FIN (at most ``_LINGER`` seconds).
+        """Before the descriptor goes: discard what has arrived, and while our last bytes are not even sent
+        yet (the peer's window is full) keep discarding until they are, or the peer's FIN comes (at most
+        ``_LINGER`` seconds).
 
-        Closing a socket with unread data makes the kernel send a reset, and a reset makes the peer's kernel
-        drop what it had not yet delivered — our last records and our close_notify. The usual culprit is a
-        TLS 1.3 server's NewSessionTickets, which it writes only once it has read our Finished, so they can
-        land just as we close. Waiting for the peer's FIN (as web servers' "lingering close" does) closes
-        that window; a peer that never closes costs at most ``_LINGER``.
+        Closing a socket with unread data makes the kernel send a reset and throw away what it has not sent —
+        our last records and our close_notify. Data arriving after the close does the same while anything of
+        ours is still queued. The usual culprit is a TLS 1.3 server's NewSessionTickets, which it writes only
+        once it has read our Finished, so they can land just as we close. Bytes already sent are at the peer
+        (a reset does not take back what its kernel received), so a close never waits for a peer that merely
+        keeps its side open: only for one that has stopped reading.
         """
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + _LINGER
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
-        with _nonblocking_view(self._sock) as view:  # MSG_DONTWAIT alone still waits out a timeout
-            while (remaining := deadline - time.monotonic()) > 0:
-                if not poller.poll(remaining * 1000):
-                    return
-                try:
-                    if self.kernel_rx:
-                        record = syscalls.recv_record(view, _RECORD_BUFFER)
-                        if not record.data and record.content_type is None:
-                            return  # the peer's FIN
-                    elif not view.recv(_RECORD_BUFFER):
-                        return
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    return  # reset, or a record the kernel refuses: nothing more to wait for
+        poller: select.poll | None = None
+        while self._discard_arrived() and _unsent(self._sock):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if poller is None:
+                poller = select.poll()
+                poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
+            # Wake up on data or FIN; look at the send queue again every few milliseconds meanwhile.
+            poller.poll(min(remaining, 0.005) * 1000)
+
+    def _discard_arrived(self) -> bool:
+        """Read and drop whatever is readable now; ``False`` at the peer's FIN or an error."""
+        while True:
+            try:
+                if self.kernel_rx:
+                    record = syscalls.recv_record(self._sock, _RECORD_BUFFER, socket.MSG_DONTWAIT)
+                    if not record.data and record.content_type is None:
+                        return False
+                elif not self._sock.recv(_RECORD_BUFFER, socket.MSG_DONTWAIT):
+                    return False
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
 
     def detach(self) -> int:
         raise NotImplementedError("a kernel TLS socket cannot be detached")
@@ -676,16 +795,20 @@ class Stream:
         return self._sock.fileno()
 
     def settimeout(self, timeout: float | None) -> None:
-        self._sock.settimeout(timeout)
+        """Like ``socket.settimeout``; the stream does the waiting (module docstring, "Timeouts are ours")."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("Timeout value out of range")
+        self._timeout = None if timeout is None else float(timeout)
+        self._sock.settimeout(None if timeout is None else 0.0)
 
     def gettimeout(self) -> float | None:
-        return self._sock.gettimeout()
+        return self._timeout
 
     def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
+        self.settimeout(None if flag else 0.0)
 
     def getblocking(self) -> bool:
-        return self._sock.getblocking()
+        return self._timeout != 0.0
 
     def getpeername(self) -> Any:
         return self._sock.getpeername()

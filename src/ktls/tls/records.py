@@ -57,6 +57,7 @@ __all__ = [
     "parse_handshake_messages",
     "parse_record_header",
     "server_random_from_server_hello",
+    "whole_records_length",
 ]
 
 #: msg_type (1) + uint24 length (3).
@@ -103,6 +104,18 @@ def parse_record_header(data: _Bytes, *, max_length: int = MAX_CIPHERTEXT_TLS12)
     if length > max_length:
         raise RecordOverflow(f"{content_type.name} record of {length} bytes, more than the {max_length} allowed")
     return RecordHeader(content_type, major << 8 | minor, length)
+
+
+def whole_records_length(data: _Bytes, *, max_length: int = MAX_CIPHERTEXT_TLS12) -> int:
+    """How many bytes at the start of ``data`` are whole records (0: not even one). Each header is checked
+    as :func:`parse_record_header` does, with its errors."""
+    end = 0
+    while len(data) - end >= RECORD_HEADER_SIZE:
+        header = parse_record_header(data[end : end + RECORD_HEADER_SIZE], max_length=max_length)
+        if len(data) - end - RECORD_HEADER_SIZE < header.length:
+            break
+        end += RECORD_HEADER_SIZE + header.length
+    return end
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
