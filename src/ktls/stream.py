@@ -54,7 +54,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO, Literal, TypeVar
+from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
 from . import handoff
 from .constants import MAX_PLAINTEXT, RECORD_HEADER_SIZE, AlertLevel, ContentType, TLSVersion
@@ -225,7 +225,7 @@ class Stream:
         self._sock = sock
         self._timeout: float | None = None
         self.settimeout(sock.gettimeout())  # module docstring, "Timeouts are the kernel's"
-        self._scratch: bytearray | None = None  # where small kernel reads land (``_read_kernel``)
+        self._scratch: memoryview | None = None  # where small kernel reads land (``_read_kernel``)
         self._handshake = handshake
         self._sslobj = handshake.ssl_object if handshake is not None else None
         self._keys = keys
@@ -374,69 +374,85 @@ class Stream:
         A buffer that holds a whole record is read into directly: application data is decrypted straight into
         it (several records at once when they fit). A smaller one goes through ``_scratch``, which does: a
         control record must come back whole and typed (into a small buffer the kernel would return it in
-        pieces), and application data beyond ``view`` waits in ``_plaintext``.
+        pieces), and application data beyond ``view`` waits in ``_plaintext``. This is the per-read hot path:
+        the application-data case is checked inline, everything else goes through :meth:`_kernel_record`.
         """
-        if len(view) >= _RECORD_BUFFER:
-            target = view
-        else:
+        small = len(view) < _RECORD_BUFFER
+        if small:
             if self._scratch is None:
-                self._scratch = bytearray(_RECORD_BUFFER)
-            target = memoryview(self._scratch)
-        content_type, n = self._recv_record_into(target)
-        if content_type == ContentType.APPLICATION_DATA:
-            if self._control.key_updates_since_data:
-                self._control.application_data_received()
-            if target is not view:
-                taken = min(n, len(view))
-                view[:taken] = target[:taken]
-                if n > taken:
-                    self._plaintext += target[taken:n]
-                return taken
-            return n
-        if content_type is None:
-            return len(self._tcp_eof())
-        self._run(self._control.receive_record(int(content_type), bytes(target[:n])))
-        return 0 if self._read_closed else None
+                self._scratch = memoryview(bytearray(_RECORD_BUFFER))
+            target = self._scratch
+        else:
+            target = view
+        try:
+            n, ancdata, msg_flags, _ = self._sock.recvmsg_into([target], syscalls.RECORD_TYPE_CMSG_SPACE)
+        except OSError as exc:
+            self._io_failed(exc, kernel_read=True)
+        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
+            return self._kernel_record(syscalls.record_type(ancdata, msg_flags), bytes(target[:n]))
+        if self._control.key_updates_since_data:
+            self._control.application_data_received()
+        if small:
+            taken = min(n, len(view))
+            view[:taken] = target[:taken]
+            if n > taken:
+                self._plaintext += target[taken:n]
+            return taken
+        return n
 
     def _read_kernel_bytes(self, bufsize: int) -> bytes | None:
         """:meth:`_read_kernel` for ``recv`` with a buffer that holds a whole record: no copy after the read."""
-        record = self._wait_for(lambda: syscalls.recv_record(self._sock, bufsize), writing=False)
-        if record.content_type == ContentType.APPLICATION_DATA:
-            if self._control.key_updates_since_data:
-                self._control.application_data_received()
-            return record.data
-        if record.content_type is None:
-            return self._tcp_eof()
-        self._run(self._control.receive_record(int(record.content_type), record.data))
-        return b"" if self._read_closed else None
+        try:
+            data, ancdata, msg_flags, _ = self._sock.recvmsg(bufsize, syscalls.RECORD_TYPE_CMSG_SPACE)
+        except OSError as exc:
+            self._io_failed(exc, kernel_read=True)
+        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
+            n = self._kernel_record(syscalls.record_type(ancdata, msg_flags), data)
+            return None if n is None else b""
+        if self._control.key_updates_since_data:
+            self._control.application_data_received()
+        return data
 
-    def _recv_record_into(self, target: memoryview) -> tuple[ContentType | int | None, int]:
-        """One kernel read (through :meth:`_wait_for`); errors as the control-record state machine decides."""
-        content_type, n, _ = self._wait_for(lambda: syscalls.recv_record_into(self._sock, target), writing=False)
-        return content_type, n
+    def _kernel_record(self, content_type: ContentType | int | None, data: bytes) -> int | None:
+        """A kernel read that was not application data: the end of the stream (0), or a control record for
+        the state machine (``None``: read again; 0 once it closed the read side)."""
+        if content_type is None:
+            return len(self._tcp_eof())
+        self._run(self._control.receive_record(int(content_type), data))
+        return 0 if self._read_closed else None
 
-    def _wait_for(self, call: Callable[[], _T], *, writing: bool) -> _T:
-        """``call()`` on our socket, which waits inside the syscall up to the stream's timeout.
+    def _io_failed(self, exc: OSError, *, kernel_read: bool = False, writing: bool = False) -> NoReturn:
+        """A socket call failed: say so the way a socket (or ``ssl.SSLSocket``) would.
 
         ``EAGAIN`` from a stream with a timeout is the kernel saying the timeout passed (module docstring,
-        "Timeouts are the kernel's"). Errors leave as the socket errors they are — a TCP reset is
-        ``ConnectionResetError``, as with ``ssl.SSLSocket`` — or, for a record the kernel refuses, after the
-        control-record state machine has answered it with an alert. ``writing`` names the direction, for
-        the message.
+        "Timeouts are the kernel's"); on a non-blocking stream it stays ``BlockingIOError``. A failed kernel
+        read is translated (:func:`ktls.kernel.syscalls.raise_receive_error`): a record the kernel refuses is
+        answered with its alert by the control-record state machine, and a TCP reset stays
+        ``ConnectionResetError``, as with ``ssl.SSLSocket``.
         """
-        try:
-            return call()
-        except BlockingIOError:
+        if isinstance(exc, BlockingIOError):
             if self._timeout:
                 raise TimeoutError(f"timed out ({'sending' if writing else 'receiving'})") from None
-            raise  # a non-blocking stream
-        except RecordError as exc:
-            self._run(self._control.record_failed(exc))
+            raise exc
+        try:
+            if kernel_read:
+                syscalls.raise_receive_error(exc)
+            raise exc
+        except RecordError as error:
+            self._run(self._control.record_failed(error))
             raise  # pragma: no cover - _run raised
-        except KernelTLSFailure as exc:
-            if isinstance(exc.__cause__, ConnectionError):
-                raise exc.__cause__ from None
+        except KernelTLSFailure as error:
+            if isinstance(error.__cause__, ConnectionError):
+                raise error.__cause__ from None
             raise
+
+    def _wait_for(self, call: Callable[[], _T], *, writing: bool) -> _T:
+        """``call()`` on our socket (which waits inside the syscall up to the stream's timeout), its errors
+        through :meth:`_io_failed`."""
+        try:
+            return call()
+        except OSError as exc:
+            self._io_failed(exc, writing=writing)
 
     def _tcp_eof(self) -> bytes:
         """TCP EOF. With a close_notify first it is the clean end; without, a ragged EOF."""
@@ -508,8 +524,12 @@ class Stream:
         self._control.check_writable()
         if not self.kernel_tx:
             return self._send_userspace(data)
-        sent = self._wait_for(lambda: self._sock.send(data), writing=True)
-        self._count_records(sent)
+        try:
+            sent = self._sock.send(data)
+        except OSError as exc:
+            self._io_failed(exc, writing=True)
+        if self._budget.limit is not None:
+            self._count_records(sent)
         return sent
 
     def write(self, data: bytes | bytearray | memoryview) -> int:

@@ -56,11 +56,15 @@ from .uapi import (
 )
 
 __all__ = [
+    "APPLICATION_DATA_CMSG",
+    "RECORD_TYPE_CMSG_SPACE",
     "Record",
     "get_crypto_info",
     "get_rx_expect_no_pad",
     "get_tx_max_payload_len",
     "get_ulp",
+    "raise_receive_error",
+    "record_type",
     "recv_record",
     "recv_record_into",
     "send_record",
@@ -73,6 +77,11 @@ __all__ = [
 
 #: Room for one ``TLS_GET_RECORD_TYPE`` control message (one byte of payload).
 _CMSG_SPACE = socket.CMSG_SPACE(1)
+#: Room for the record-type control message: what a hot loop passes to ``recvmsg`` itself.
+RECORD_TYPE_CMSG_SPACE = _CMSG_SPACE
+#: The control message of an application-data read, as ``recvmsg`` returns it: a hot loop compares the
+#: first ancillary item with this (one tuple comparison) and calls :func:`record_type` for anything else.
+APPLICATION_DATA_CMSG = (SOL_TLS, TLS_GET_RECORD_TYPE, bytes([ContentType.APPLICATION_DATA]))
 #: ``struct tls_crypto_info``: version and cipher type, two ``__u16``.
 _INFO_HEADER_SIZE = 4
 
@@ -210,7 +219,8 @@ _RECORD_IO_ERRORS: dict[int, tuple[type[KTLSError], str]] = {
 _CONTENT_TYPES: dict[int, ContentType | int] = {**{i: i for i in range(256)}, **{t.value: t for t in ContentType}}
 
 
-def _record_type(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> ContentType | int | None:
+def record_type(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> ContentType | int | None:
+    """The record type of a ``recvmsg`` on a kTLS socket (``None``: no type — end of stream)."""
     if msg_flags & socket.MSG_CTRUNC:
         raise KernelTLSFailure(None, "the record type control message was truncated")
     for level, kind, data in ancdata:
@@ -222,13 +232,18 @@ def _record_type(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> Conte
 # recv_record and recv_record_into are the per-read hot path: plain try/except, no context manager.
 
 
+def raise_receive_error(exc: OSError) -> NoReturn:
+    """Raise what a failed ``recvmsg`` on a kTLS socket means (for loops that call ``recvmsg`` themselves)."""
+    _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
+
+
 def recv_record(sock: socket.socket, bufsize: int, flags: int = 0) -> Record:
     """Receive up to ``bufsize`` bytes of one record with its content type (``recvmsg`` + cmsg)."""
     try:
         data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, _CMSG_SPACE, flags)
     except OSError as exc:
         _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
-    return Record(_record_type(ancdata, msg_flags), data, bool(msg_flags & socket.MSG_EOR))
+    return Record(record_type(ancdata, msg_flags), data, bool(msg_flags & socket.MSG_EOR))
 
 
 def recv_record_into(
@@ -239,7 +254,7 @@ def recv_record_into(
         nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([buffer], _CMSG_SPACE, flags)
     except OSError as exc:
         _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
-    return _record_type(ancdata, msg_flags), nbytes, bool(msg_flags & socket.MSG_EOR)
+    return record_type(ancdata, msg_flags), nbytes, bool(msg_flags & socket.MSG_EOR)
 
 
 def send_record(sock: socket.socket, content_type: ContentType | int, data: bytes, flags: int = 0) -> int:
