@@ -225,6 +225,37 @@ def test_our_client_with_our_server(
         assert record == {"upload": sha256(upload), "ragged": False, "reused": attempt == 1, "kernel": (True, True)}
 
 
+# -- TLS_RX_EXPECT_NO_PAD -------------------------------------------------------------------------------------
+
+
+def test_rx_expect_no_pad_with_a_stock_peer(rsa_cert: CertFiles, listener: socket.socket) -> None:
+    """``rx_expect_no_pad=True``: the kernel takes the option (Linux ≥ 6.0), a stock ``ssl`` client's MiBs
+    arrive intact, and its close_notify — a control record, which the zero-copy bet gets wrong and the kernel
+    decrypts again — still ends the stream cleanly."""
+    payload = os.urandom(2 * MIB + 5)
+    background = Background()
+
+    def peer() -> None:
+        context = client_context(rsa_cert, TLS13)
+        with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=60) as raw:
+            tls = context.wrap_socket(raw, server_hostname="localhost")
+            tls.sendall(payload)
+            tls.unwrap()
+
+    background.start(peer)
+    retries_before = stat("TlsDecryptRetry") + stat("TlsRxNoPadViolation")
+    stream = ktls.wrap_socket(
+        accept(listener), server_context(rsa_cert, TLS13), server_side=True, require_kernel=True, rx_expect_no_pad=True
+    )
+    with stream:
+        assert stream.rx_expect_no_pad
+        assert ktls.kernel.get_rx_expect_no_pad(stream.socket)
+        assert sha256(recv_all(stream)) == sha256(payload)
+        assert not stream.ragged_eof
+    background.join()
+    assert stat("TlsDecryptRetry") + stat("TlsRxNoPadViolation") > retries_before
+
+
 # -- resumption against openssl s_server ------------------------------------------------------------------
 
 

@@ -90,14 +90,27 @@ class Installed:
     fallback_reason: str | None = None
     #: Records the send key may protect before a KeyUpdate; ``None``: no limit we must act on, or no rekey.
     record_limit: int | None = None
+    #: TLS 1.3: asked for ``TLS_RX_EXPECT_NO_PAD`` (see :func:`install_rx`).
+    expect_no_pad: bool = False
+    #: ... and the kernel receives that way.
+    rx_expect_no_pad: bool = False
 
 
-def install(sock: socket.socket, keys: ConnectionKeys, result: HandshakeResult, *, server_side: bool) -> Installed:
-    """Attach the ULP and give the kernel the keys (module docstring, step 4)."""
+def install(
+    sock: socket.socket,
+    keys: ConnectionKeys,
+    result: HandshakeResult,
+    *,
+    server_side: bool,
+    expect_no_pad: bool = False,
+) -> Installed:
+    """Attach the ULP and give the kernel the keys (module docstring, step 4). ``expect_no_pad``: see
+    :func:`install_rx`."""
     support: KernelSupport = probe()
     role = Role.SERVER if server_side else Role.CLIENT
     rekey = support.rekey and keys.can_update
     installed = Installed(ControlRecords(result.version, role, keys.next_key if rekey else None))
+    installed.expect_no_pad = expect_no_pad
     try:
         syscalls.setup_ulp(sock)
         tx = keys.crypto_info(Direction.TX, result.tx_seq, result.tx_explicit_nonce)
@@ -119,7 +132,14 @@ def install(sock: socket.socket, keys: ConnectionKeys, result: HandshakeResult, 
 
 
 def install_rx(sock: socket.socket, keys: ConnectionKeys, rx_seq: int, installed: Installed) -> None:
-    """Give the kernel the receive key at ``rx_seq``; if it refuses, receiving stays with OpenSSL."""
+    """Give the kernel the receive key at ``rx_seq``; if it refuses, receiving stays with OpenSSL.
+
+    TLS 1.3 with ``installed.expect_no_pad``: ``TLS_RX_EXPECT_NO_PAD`` (Linux ≥ 6.0) lets the kernel decrypt
+    straight into the reader's buffer, betting that the peer does not pad its records. A padded record (or a
+    control record) still reads correctly — the kernel decrypts it a second time (``TlsDecryptRetry``) — so
+    the option is only a matter of cost: a peer that pads every record makes each one cost two decryptions,
+    which is why it is not the default. A kernel without it simply does not get it.
+    """
     installed.rx_deferred = False
     try:
         syscalls.set_crypto_info(sock, Direction.RX, keys.crypto_info(Direction.RX, rx_seq))
@@ -127,6 +147,12 @@ def install_rx(sock: socket.socket, keys: ConnectionKeys, rx_seq: int, installed
         installed.fallback_reason = f"receive stays in user space: {_refusal(exc)}"
         return
     installed.kernel_rx = True
+    if installed.expect_no_pad and keys.suite.version is TLSVersion.TLS1_3:
+        try:
+            syscalls.set_rx_expect_no_pad(sock)
+        except KernelTLSUnavailable:
+            return
+        installed.rx_expect_no_pad = True
 
 
 def _refusal(exc: KernelTLSUnavailable | KernelTLSConfigError) -> str:

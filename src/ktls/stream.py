@@ -113,13 +113,17 @@ def wrap_socket(
     session: ssl.SSLSession | None = None,
     require_kernel: bool = False,
     suppress_ragged_eofs: bool = True,
+    rx_expect_no_pad: bool = False,
 ) -> Stream:
     """Run a TLS handshake on the connected ``sock`` with ``context``, then hand the keys to the kernel.
 
     The socket's timeout applies to the handshake. Returns a :class:`Stream` that owns ``sock``. When the
     kernel cannot take over, the stream works in user space and ``fallback_reason`` says why — unless
     ``require_kernel`` is true, which raises :class:`~ktls.errors.KernelTLSUnavailable` instead (the
-    handshake will have happened; the socket is closed).
+    handshake will have happened; the socket is closed). ``rx_expect_no_pad``: TLS 1.3, a peer known not to
+    pad its records (most do not): the kernel decrypts straight into the reader's buffer
+    (:func:`ktls.handoff.install_rx` says what it costs when the bet is wrong); ``stream.rx_expect_no_pad``
+    tells whether the kernel took it.
     """
     capture, reason = handoff.begin(context, require_kernel=require_kernel)
     handshake = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
@@ -145,6 +149,7 @@ def wrap_socket(
         result=result,
         fallback_reason=reason,
         suppress_ragged_eofs=suppress_ragged_eofs,
+        rx_expect_no_pad=rx_expect_no_pad,
     )
     if require_kernel and not (stream.kernel_tx and (stream.kernel_rx or stream._deferred is not None)):
         stream.close()
@@ -220,6 +225,7 @@ class Stream:
         result: HandshakeResult | None = None,
         fallback_reason: str | None = None,
         suppress_ragged_eofs: bool = True,
+        rx_expect_no_pad: bool = False,
     ) -> None:
         """Use :func:`wrap_socket` or :meth:`from_keys`; this constructor is theirs."""
         self._sock = sock
@@ -234,6 +240,8 @@ class Stream:
         self.kernel_tx = False
         self.kernel_rx = False
         self.ragged_eof = False
+        #: TLS 1.3 receive with ``TLS_RX_EXPECT_NO_PAD`` (``wrap_socket(..., rx_expect_no_pad=True)``).
+        self.rx_expect_no_pad = False
         self._plaintext = bytearray()  # decrypted before the hand-off, delivered first
         self._closed = False
         self._io_refs = 0
@@ -245,11 +253,12 @@ class Stream:
             version = TLSVersion.TLS1_3 if self._ssl().version() == "TLSv1.3" else TLSVersion.TLS1_2
             self._control = ControlRecords(version, Role.SERVER if server_side else Role.CLIENT, None)
             return
-        installed = handoff.install(sock, keys, result, server_side=server_side)
+        installed = handoff.install(sock, keys, result, server_side=server_side, expect_no_pad=rx_expect_no_pad)
         self._installed = installed
         self._control = installed.control
         self.kernel_tx, self.kernel_rx = installed.kernel_tx, installed.kernel_rx
         self.fallback_reason = installed.fallback_reason
+        self.rx_expect_no_pad = installed.rx_expect_no_pad
         self._budget = SendBudget(installed.record_limit, result.tx_seq)
         if installed.rx_deferred:
             self._deferred = handoff.DeferredReceive(keys)
@@ -302,6 +311,7 @@ class Stream:
         self._deferred = None
         self.kernel_rx = self._installed.kernel_rx
         self.fallback_reason = self._installed.fallback_reason
+        self.rx_expect_no_pad = self._installed.rx_expect_no_pad
 
     # -- receiving --------------------------------------------------------------------------------------------------
 
