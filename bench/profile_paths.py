@@ -11,7 +11,6 @@ import io
 import os
 import pstats
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -19,18 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ktls import wrap_socket
+from ktls.bench import _contexts as contexts  # the bench's own certificate and contexts
 from ktls.kernel.probe import probe
-from ktls.serve.certificate import load_default_certificate
-
-
-def contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    certificate = load_default_certificate()
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(certificate.cert_path, certificate.key_path)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE
-    return server, client
 
 
 def pair(wrap: Callable[[socket.socket, bool], Any], timeout: float | None) -> tuple[Any, Any]:
