@@ -3,8 +3,8 @@
 A TLS 1.3 client keeps its receive side in OpenSSL until the first application record
 (:class:`ktls.handoff.DeferredReceive`: the server's NewSessionTickets reach ``session``). The I/O layer reads
 exactly one record (``Handshake.bytes_needed`` / ``Handshake.receive``) and hands it here; the answer says
-what to do next. The blocking :class:`~ktls.stream.Stream` does the same steps inline in ``_read_deferred``;
-the asyncio transport calls :func:`deferred_record`.
+what to do next. The blocking :class:`~ktls.stream.Stream` and the asyncio transport both call
+:func:`deferred_record`.
 """
 
 from __future__ import annotations

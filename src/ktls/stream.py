@@ -70,6 +70,7 @@ from .control import (
     SessionTicket,
     WriteClosed,
 )
+from .deferred import deferred_record
 from .errors import (
     KernelTLSFailure,
     KernelTLSUnavailable,
@@ -496,33 +497,28 @@ class Stream:
     def _read_deferred(self, deferred: handoff.DeferredReceive, bufsize: int) -> bytes | None:
         """TLS 1.3 client between handshake and first application record (:class:`ktls.handoff.DeferredReceive`):
         OpenSSL reads, one record at a time, so that tickets reach ``session`` and the kernel can start
-        exactly at the next record."""
-        wanted = self._handshake_state().bytes_needed()
+        exactly at the next record; :func:`ktls.deferred.deferred_record` says what each record meant."""
+        handshake = self._handshake_state()
+        wanted = handshake.bytes_needed()
         data = self._wait_for(lambda: self._sock.recv(wanted), writing=False)
         if not data:
             return self._tcp_eof()
-        record = self._handshake_state().receive(data)
+        record = handshake.receive(data)
         if record is None:
             return None  # the record is not whole yet
-        deferred.record_read()
-        try:
-            plaintext = self._ssl().read(bufsize)
-        except ssl.SSLWantReadError:
-            outgoing = self._handshake_state().outgoing
-            answered = bool(outgoing.pending)
-            outgoing.read()  # never sent: the kernel owns the send key now
-            if deferred.control_record(len(record) - 5, answered):
-                self._run(self._control.key_update(request_peer_update=False))
-            return None
-        except ssl.SSLZeroReturnError:
+        step = deferred_record(handshake, deferred, record)
+        if step.send_key_update:
+            self._run(self._control.key_update(request_peer_update=False))
+        if step.closed:
             self._read_closed = True
             self._control.read_closed = True
             return b""
+        if not step.hand_off:
+            return None
         # The first application record: everything after it is the kernel's.
-        while self._ssl().pending():
-            self._plaintext += self._ssl().read(self._ssl().pending())
+        self._plaintext += step.plaintext[bufsize:]
         self._hand_off_rx(deferred.rx_seq)
-        return plaintext
+        return step.plaintext[:bufsize]
 
     # -- sending -----------------------------------------------------------------------------------------------------
 
