@@ -41,7 +41,6 @@ rows are missing or fallback is ``n/a``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
@@ -158,14 +157,6 @@ def _wrap_pair(wrap: Wrap) -> tuple[Any, Any]:
 
 
 def _close_pair(client: Any, server: Any) -> None:
-    """Close both ends of a pair driven from one thread without waiting out ``Stream.close``'s linger.
-
-    ``Stream.close`` waits (up to a second) for the peer's FIN before releasing the socket; closing one end and
-    then the other from the same thread would time that out on every connection — an artifact of both ends
-    living here, not a cost a real peer imposes. The server's half-close first lets each end see its peer's FIN.
-    """
-    with contextlib.suppress(OSError):
-        server.shutdown(socket.SHUT_WR)
     client.close()
     server.close()
 
