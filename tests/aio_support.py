@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from certs import CertFiles
+from support import contexts
 
 T = TypeVar("T")
 
@@ -20,21 +21,6 @@ MIB = 1024 * 1024
 def run(coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
     """Run ``coro`` on a fresh default (selector) loop, failing instead of hanging."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def contexts(
-    cert: CertFiles, version: ssl.TLSVersion, ciphers: str | None = None
-) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts pinned to one TLS version (and cipher, for TLS 1.2)."""
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert.cert, cert.key)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(cert.cert)
-    for ctx in (server, client):
-        ctx.minimum_version = ctx.maximum_version = version
-        if ciphers:
-            ctx.set_ciphers(ciphers)
-    return server, client
 
 
 def digest(data: bytes | bytearray) -> str:

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 import ktls.asyncio
-from aio_support import MIB, contexts, digest, exchange, hash_service, run
+from aio_support import MIB, digest, exchange, hash_service, run
 from certs import CertFiles
 from ktls.errors import KernelTLSUnavailable
 from ktls.kernel import probe
+from support import contexts
 
 CBC = "ECDHE-RSA-AES128-SHA256"  # TLS 1.2 CBC: no kernel AEAD, so userspace TLS on every kernel
 KERNEL = probe().available

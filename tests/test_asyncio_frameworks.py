@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 import ktls.asyncio
-from aio_support import MIB, contexts, digest, exchange
+from aio_support import MIB, digest, exchange
 from certs import CertFiles
 from ktls.kernel import probe
+from support import contexts
 
 SIZE = 5 * MIB + 999
 

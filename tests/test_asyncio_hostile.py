@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 import ktls.asyncio
-from aio_support import contexts, run
+from aio_support import run
 from certs import CertFiles
 from ktls.constants import AlertDescription, ContentType, TLSVersion
 from ktls.errors import (
@@ -36,6 +36,7 @@ from ktls.keylog_capture import KeylogCapture
 from ktls.keys import ConnectionKeys
 from ktls.stream import _drive_handshake
 from reference_tls import TLS13, RecordProtection
+from support import contexts
 
 pytestmark = pytest.mark.kernel
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from aio_support import MIB, digest, run
 from certs import CertFiles
 from ktls.errors import RekeyUnsupported
 from ktls.kernel import KernelSupport, read_tls_stat
+from support import free_port, wait_for_port
 
 pytestmark = pytest.mark.kernel
 
@@ -35,26 +34,6 @@ CASES = [
     ("ECDHE-RSA-CHACHA20-POLY1305", "-tls1_2", ["-cipher", "ECDHE-RSA-CHACHA20-POLY1305"], ssl.TLSVersion.TLSv1_2, ""),
 ]
 Case = tuple[str, str, list[str], ssl.TLSVersion, "str | None"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe_sock:
-        probe_sock.bind(("127.0.0.1", 0))
-        port: int = probe_sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"openssl exited early with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError("openssl s_server did not start")
 
 
 def context(case: Case, cert: CertFiles, *, server: bool) -> ssl.SSLContext:

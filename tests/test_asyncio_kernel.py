@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 import ktls.asyncio
-from aio_support import MIB, contexts, digest, exchange, hash_client, hash_service, run
+from aio_support import MIB, digest, exchange, hash_client, hash_service, run
 from certs import CertFiles
 from ktls.kernel import KernelSupport, read_tls_stat
+from support import contexts
 
 pytestmark = pytest.mark.kernel
 

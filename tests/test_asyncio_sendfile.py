@@ -24,9 +24,10 @@ from typing import Any, NoReturn
 import pytest
 
 import ktls.asyncio
-from aio_support import MIB, contexts, digest, run
+from aio_support import MIB, digest, run
 from certs import CertFiles
 from ktls.kernel import KernelSupport, read_tls_stat
+from support import contexts
 
 pytestmark = pytest.mark.kernel
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from ktls.keylog_capture import KeylogCapture
 from ktls.keys import ConnectionKeys
 from ktls.stream import _drive_handshake
 from reference_tls import TLS13, RecordProtection
+from support import contexts
 
 #: (TLS version, OpenSSL cipher string for TLS 1.2, certificate kind)
 CASES = [
@@ -41,34 +41,12 @@ def case_id(case: tuple[ssl.TLSVersion, str | None, str]) -> str:
     return case[1] or case[0].name
 
 
-def contexts(version: ssl.TLSVersion, ciphers: str | None, cert: CertFiles) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert.cert, cert.key)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(cert.cert)
-    for ctx in (server, client):
-        ctx.minimum_version = ctx.maximum_version = version
-        if ciphers:
-            ctx.set_ciphers(ciphers)
-    return server, client
-
-
 def reference_for(info: CryptoInfo) -> RecordProtection:
     """The independent record layer's state for a direction, from the kernel's crypto info fields."""
     if info.version is TLSVersion.TLS1_3 or not info.salt:
         version = TLS13 if info.version is TLSVersion.TLS1_3 else 0x0303
         return RecordProtection(info.cipher_type, version, info.key, info.salt + info.iv, info.rec_seq)
     return RecordProtection(info.cipher_type, 0x0303, info.key, info.salt, info.rec_seq, int.from_bytes(info.iv, "big"))
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        ours = socket.create_connection(listener.getsockname(), timeout=20)
-        theirs, _ = listener.accept()
-        theirs.settimeout(20)
-        with ours, theirs:
-            yield ours, theirs
 
 
 def recv_records(sock: socket.socket, count: int) -> list[bytes]:
@@ -91,16 +69,16 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
 @pytest.mark.parametrize("ours_is_server", [True, False], ids=["ours-server", "ours-client"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_handoff_keys_and_sequence_numbers(
-    pair: tuple[socket.socket, socket.socket],
+    tcp_pair: tuple[socket.socket, socket.socket],
     rsa_cert: CertFiles,
     ecdsa_cert: CertFiles,
     case: tuple[ssl.TLSVersion, str | None, str],
     ours_is_server: bool,
 ) -> None:
     version, ciphers, kind = case
-    server_ctx, client_ctx = contexts(version, ciphers, rsa_cert if kind == "rsa" else ecdsa_cert)
+    server_ctx, client_ctx = contexts(rsa_cert if kind == "rsa" else ecdsa_cert, version, ciphers)
     ours_ctx, peer_ctx = (server_ctx, client_ctx) if ours_is_server else (client_ctx, server_ctx)
-    ours, theirs = pair
+    ours, theirs = tcp_pair
     peer_result: dict[str, object] = {}
 
     def peer() -> None:
@@ -151,12 +129,12 @@ def test_handoff_keys_and_sequence_numbers(
 
 
 def test_secrets_are_consumed_and_memory_is_bounded(
-    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles
+    tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles
 ) -> None:
-    server_ctx, client_ctx = contexts(ssl.TLSVersion.TLSv1_3, None, rsa_cert)
+    server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3, None)
     capture = KeylogCapture.for_context(client_ctx)
     assert KeylogCapture.for_context(client_ctx) is capture
-    ours, theirs = pair
+    ours, theirs = tcp_pair
     thread = threading.Thread(target=lambda: server_ctx.wrap_socket(theirs, server_side=True), daemon=True)
     thread.start()
     handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost")
@@ -173,13 +151,13 @@ def test_secrets_are_consumed_and_memory_is_bounded(
 
 
 def test_user_keylog_file_keeps_working(
-    tmp_path: Path, pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles
+    tmp_path: Path, tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles
 ) -> None:
     user_log = tmp_path / "sslkeylog.txt"
-    server_ctx, client_ctx = contexts(ssl.TLSVersion.TLSv1_3, None, rsa_cert)
+    server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3, None)
     client_ctx.keylog_filename = str(user_log)
     capture = KeylogCapture.for_context(client_ctx)
-    ours, theirs = pair
+    ours, theirs = tcp_pair
     thread = threading.Thread(target=lambda: server_ctx.wrap_socket(theirs, server_side=True), daemon=True)
     thread.start()
     handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost")
@@ -195,9 +173,9 @@ def test_user_keylog_file_keeps_working(
 
 
 def _ours_as_client(
-    pair: tuple[socket.socket, socket.socket], client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext
+    tcp_pair: tuple[socket.socket, socket.socket], client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext
 ) -> tuple[Handshake, dict[str, object]]:
-    ours, theirs = pair
+    ours, theirs = tcp_pair
     peer: dict[str, object] = {}
 
     def serve() -> None:
@@ -231,10 +209,10 @@ def _ours_as_client(
     return handshake, peer
 
 
-def test_hello_retry_request(pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
+def test_hello_retry_request(tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
     """The server accepts only P-384, the client's first key share is X25519: a HelloRetryRequest, a second
     ClientHello with the same random (RFC 8446 §4.1.2), and the keys still match."""
-    server_ctx, client_ctx = contexts(ssl.TLSVersion.TLSv1_3, None, rsa_cert)
+    server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3, None)
     server_ctx.set_ecdh_curve("secp384r1")
     hellos: list[object] = []
 
@@ -243,18 +221,18 @@ def test_hello_retry_request(pair: tuple[socket.socket, socket.socket], rsa_cert
             hellos.append(args[4])
 
     client_ctx._msg_callback = count_client_hellos  # type: ignore[attr-defined]  # CPython's debug hook
-    _ours_as_client(pair, client_ctx, server_ctx)
+    _ours_as_client(tcp_pair, client_ctx, server_ctx)
     assert len(hellos) == 2, "the server should have asked for a second ClientHello"
 
 
 def test_client_certificate(
-    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, ecdsa_cert: CertFiles
+    tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, ecdsa_cert: CertFiles
 ) -> None:
-    server_ctx, client_ctx = contexts(ssl.TLSVersion.TLSv1_3, None, rsa_cert)
+    server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3, None)
     server_ctx.verify_mode = ssl.CERT_REQUIRED
     server_ctx.load_verify_locations(ecdsa_cert.cert)
     client_ctx.load_cert_chain(ecdsa_cert.cert, ecdsa_cert.key)
-    _, peer = _ours_as_client(pair, client_ctx, server_ctx)
+    _, peer = _ours_as_client(tcp_pair, client_ctx, server_ctx)
     assert peer["client_cert"]
 
 
@@ -264,14 +242,14 @@ def test_client_certificate(
     ids=["tls13-ours-server", "tls12-ours-client"],
 )
 def test_data_right_behind_the_last_handshake_record_stays_in_the_socket(
-    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, version: ssl.TLSVersion, ours_is_server: bool
+    tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, version: ssl.TLSVersion, ours_is_server: bool
 ) -> None:
     """The peer's last flight and its first application record leave in one write, so they arrive together
     and the handshake's peek sees both: OpenSSL may have only the flight, and the data record must still be
     in the socket, first in line for the kernel's receive key."""
-    server_ctx, client_ctx = contexts(version, None, rsa_cert)
+    server_ctx, client_ctx = contexts(rsa_cert, version, None)
     ours_ctx, peer_ctx = (server_ctx, client_ctx) if ours_is_server else (client_ctx, server_ctx)
-    ours, theirs = pair
+    ours, theirs = tcp_pair
     failure: list[BaseException] = []
 
     def peer() -> None:

@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -19,32 +19,9 @@ import ktls
 from certs import CertFiles
 from ktls.errors import KernelTLSUnavailable, StreamClosed
 from ktls.kernel import probe
+from support import contexts
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        ours = socket.create_connection(listener.getsockname(), timeout=20)
-        theirs, _ = listener.accept()
-        theirs.settimeout(20)
-        with ours, theirs:
-            yield ours, theirs
-
-
-def contexts(
-    cert: CertFiles, version: ssl.TLSVersion, ciphers: str | None = None
-) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert.cert, cert.key)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(cert.cert)
-    for ctx in (server, client):
-        ctx.minimum_version = ctx.maximum_version = version
-        if ciphers:
-            ctx.set_ciphers(ciphers)
-    return server, client
 
 
 def run_peer(target: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
@@ -73,10 +50,10 @@ def echo_peer(sock: socket.socket, context: ssl.SSLContext, server_side: bool) -
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_client_stream_round_trip_with_clean_close(
-    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, version: ssl.TLSVersion
+    tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, version: ssl.TLSVersion
 ) -> None:
     server_ctx, client_ctx = contexts(rsa_cert, version)
-    ours, theirs = pair
+    ours, theirs = tcp_pair
     thread, errors = run_peer(echo_peer(theirs, server_ctx, server_side=True))
     stream = ktls.wrap_socket(ours, client_ctx, server_hostname="localhost")
     if not probe().available:
@@ -110,9 +87,9 @@ def test_client_stream_round_trip_with_clean_close(
         stream.recv(1)
 
 
-def test_server_stream_and_makefile(pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
+def test_server_stream_and_makefile(tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
     server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
-    ours, theirs = pair
+    ours, theirs = tcp_pair
 
     def client() -> None:
         tls = client_ctx.wrap_socket(theirs, server_hostname="localhost")
@@ -131,9 +108,9 @@ def test_server_stream_and_makefile(pair: tuple[socket.socket, socket.socket], r
     assert not errors, errors
 
 
-def test_ragged_eof_is_distinguishable(pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
+def test_ragged_eof_is_distinguishable(tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
     server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
-    ours, theirs = pair
+    ours, theirs = tcp_pair
 
     def rude_server() -> None:
         tls = server_ctx.wrap_socket(theirs, server_side=True)
@@ -151,20 +128,22 @@ def test_ragged_eof_is_distinguishable(pair: tuple[socket.socket, socket.socket]
     assert not errors, errors
 
 
-def test_require_kernel_raises_a_typed_error(pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
+def test_require_kernel_raises_a_typed_error(
+    tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles
+) -> None:
     if probe().available:
         pytest.skip("this kernel has kTLS: the refusal path is tested with a CBC suite in the guests")
     _, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
-    ours, _ = pair
+    ours, _ = tcp_pair
     with pytest.raises(KernelTLSUnavailable, match="CONFIG_TLS"):
         ktls.wrap_socket(ours, client_ctx, server_hostname="localhost", require_kernel=True)
 
 
 def test_sendfile_on_fallback_reads_and_sends(
-    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, tmp_path: os.PathLike[str]
+    tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, tmp_path: os.PathLike[str]
 ) -> None:
     server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
-    ours, theirs = pair
+    ours, theirs = tcp_pair
     content = os.urandom(300_000)
     path = os.path.join(tmp_path, "file.bin")
     with open(path, "wb") as out:

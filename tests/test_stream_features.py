@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import ktls
 from certs import CertFiles
 from ktls.errors import AlertReceived, KernelTLSUnavailable, RekeyUnsupported, StreamClosed
 from ktls.kernel import KernelSupport, read_tls_stat
-from test_stream_interop import free_port, wait_for_port
+from support import Background, free_port, wait_for_port
 
 pytestmark = pytest.mark.kernel
 
@@ -63,31 +63,6 @@ def client_context(cert: CertFiles, version: ssl.TLSVersion, ciphers: str | None
     if ciphers:
         context.set_ciphers(ciphers)
     return context
-
-
-class Background:
-    """Threads whose exceptions reach the test, and which must finish in time."""
-
-    def __init__(self) -> None:
-        self.errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
-
-    def start(self, target: Callable[..., object], *args: object) -> None:
-        def run() -> None:
-            try:
-                target(*args)
-            except BaseException as exc:
-                self.errors.append(exc)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def join(self, timeout: float = 120) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
-            assert not thread.is_alive(), "a background thread hung"
-        assert not self.errors, self.errors
 
 
 def recv_exactly(stream: ktls.Stream, size: int) -> bytes:

@@ -25,7 +25,7 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -34,7 +34,8 @@ import pytest
 import ktls
 from certs import CertFiles
 from ktls.kernel import KernelSupport
-from test_stream_interop import free_port, offer_tls13_suites, wait_for_port
+from support import Background, free_port, wait_for_port
+from test_stream_interop import offer_tls13_suites
 
 pytestmark = pytest.mark.kernel
 
@@ -106,31 +107,6 @@ def log_tail(path: Path) -> str:
     return path.read_text(errors="replace")[-3000:] if path.exists() else "(no log)"
 
 
-class Threads:
-    """Background work whose exceptions the test sees."""
-
-    def __init__(self) -> None:
-        self.errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
-
-    def start(self, target: Callable[..., object], *args: object) -> None:
-        def run() -> None:
-            try:
-                target(*args)
-            except BaseException as exc:
-                self.errors.append(exc)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def join(self, timeout: float = PEER_TIMEOUT) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
-            assert not thread.is_alive(), "a peer thread hung"
-        assert not self.errors, self.errors
-
-
 @pytest.fixture
 def gnutls_serv(
     request: pytest.FixtureRequest, certs: dict[str, CertFiles], tmp_path: Path
@@ -161,13 +137,13 @@ def test_our_client_with_gnutls_serv(
         assert stream.cipher() is not None
         assert (stream.cipher() or ("",))[0] == suite.openssl_name
         assert stream.kernel_tx
-        threads = Threads()
+        threads = Background()
         threads.start(stream.sendall, lines)
         while len(received) < len(lines):
             chunk = stream.recv(65536)
             assert chunk, f"gnutls-serv closed early:\n{log_tail(tmp_path / 'gnutls-serv.log')}"
             received += chunk
-        threads.join()
+        threads.join(PEER_TIMEOUT)
         assert stream.kernel_rx
     assert sha256(received) == sha256(lines)
 
@@ -187,14 +163,14 @@ def run_gnutls_cli(command: list[str], upload: bytes, expect: int) -> tuple[byte
             assert cli.stdin is not None
             assert cli.stdout is not None
             stdin: IO[bytes] = cli.stdin
-            writer = Threads()
+            writer = Background()
             writer.start(feed, stdin, upload)
             received = bytearray()
             stdout = cli.stdout
             assert isinstance(stdout, io.BufferedReader)
             while len(received) < expect and (chunk := stdout.read1(65536)):
                 received += chunk
-            writer.join()
+            writer.join(PEER_TIMEOUT)
             stdin.close()
             received += stdout.read()
             return bytes(received), cli.wait()
@@ -220,21 +196,21 @@ def test_gnutls_cli_with_our_server(
         sock.settimeout(60)
         with ktls.wrap_socket(sock, context, server_side=True, require_kernel=True) as stream:
             streams.append(stream)
-            sender = Threads()
+            sender = Background()
             sender.start(stream.sendall, download)
             while chunk := stream.recv(65536):
                 received.extend(chunk)
-            sender.join()
+            sender.join(PEER_TIMEOUT)
         # Leaving the block sent our close_notify (TLS 1.3); in TLS 1.2 it answered the client's already.
 
     log = tmp_path / "gnutls-cli.log"
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        server = Threads()
+        server = Background()
         server.start(serve, listener)
         command = ["gnutls-cli", "--logfile", str(log), "--x509cafile", str(cert.cert), "--priority", suite.priority]
         command += ["-p", str(listener.getsockname()[1]), "127.0.0.1"]
         stdout, returncode = run_gnutls_cli(command, upload, len(download))
-        server.join()
+        server.join(PEER_TIMEOUT)
     (stream,) = streams
     assert (stream.cipher() or ("",))[0] == suite.openssl_name
     assert (stream.kernel_tx, stream.kernel_rx) == (True, True)
@@ -267,13 +243,13 @@ def test_gnutls_cli_resumes_with_our_server(
 
     log = tmp_path / "gnutls-cli.log"
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        server = Threads()
+        server = Background()
         server.start(serve, listener)
         command = ["gnutls-cli", "--resume", "--waitresumption", "--logfile", str(log)]
         command += ["--x509cafile", str(rsa_cert.cert), "-p", str(listener.getsockname()[1]), "127.0.0.1"]
         try:
             stdout, returncode = run_gnutls_cli(command, b"ping after resumption\n", 22)
-            server.join()
+            server.join(PEER_TIMEOUT)
         finally:
             print(log_tail(log))
     first, second = streams

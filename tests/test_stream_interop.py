@@ -23,6 +23,7 @@ import ktls
 from certs import CertFiles
 from ktls.errors import RekeyUnsupported
 from ktls.kernel import KernelSupport, read_tls_stat
+from support import free_port, wait_for_port
 
 pytestmark = pytest.mark.kernel
 
@@ -64,26 +65,6 @@ def offer_tls13_suites(context: ssl.SSLContext, suites: str) -> None:
     assert set_ciphersuites(ssl_ctx, suites.encode()) == 1
     offered = [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.3"]
     assert offered == suites.split(":"), f"the context offers {offered}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe_sock:
-        probe_sock.bind(("127.0.0.1", 0))
-        port: int = probe_sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited early with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{process.args!r} did not start listening")
 
 
 def cert_for(kind: str, rsa_cert: CertFiles, ecdsa_cert: CertFiles) -> CertFiles:

@@ -13,12 +13,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 import ktls
 from certs import CertFiles
+from support import contexts
 
 TLS13, TLS12 = ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2
 MODES = [
@@ -38,30 +38,13 @@ def send_until_timeout(stream: ktls.Stream, block: bytes, limit: int) -> int:
     return limit
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        ours = socket.create_connection(listener.getsockname(), timeout=30)
-        theirs, _ = listener.accept()
-        theirs.settimeout(60)
-        with ours, theirs:
-            yield ours, theirs
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_timeouts_nonblocking_and_recovery(
-    pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, mode: tuple[ssl.TLSVersion, str | None, bool]
+    tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles, mode: tuple[ssl.TLSVersion, str | None, bool]
 ) -> None:
     version, ciphers, kernel = mode
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(rsa_cert.cert, rsa_cert.key)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(rsa_cert.cert)
-    for context in (server, client):
-        context.minimum_version = context.maximum_version = version
-        if ciphers:
-            context.set_ciphers(ciphers)
-    ours, theirs = pair
+    server, client = contexts(rsa_cert, version, ciphers)
+    ours, theirs = tcp_pair
     speak, drain = threading.Event(), threading.Event()
     received: list[int] = []
     errors: list[BaseException] = []
@@ -83,7 +66,7 @@ def test_timeouts_nonblocking_and_recovery(
     thread.start()
     stream = ktls.wrap_socket(ours, client, server_hostname="localhost", require_kernel=kernel)
     assert stream.kernel_tx is kernel
-    assert stream.gettimeout() == 30
+    assert stream.gettimeout() == 20  # tcp_pair's timeout, kept through the hand-off
 
     stream.settimeout(0.3)
     started = time.monotonic()

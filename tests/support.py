@@ -1,0 +1,75 @@
+"""Helpers shared by the test modules: TLS contexts, free ports, waiting for a server, background threads."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+from certs import CertFiles
+
+__all__ = ["Background", "contexts", "free_port", "wait_for_port"]
+
+
+def contexts(
+    cert: CertFiles, version: ssl.TLSVersion, ciphers: str | None = None
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts pinned to one TLS version (and cipher, for TLS 1.2); the client trusts ``cert``."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert.cert, cert.key)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(cert.cert)
+    for ctx in (server, client):
+        ctx.minimum_version = ctx.maximum_version = version
+        if ciphers:
+            ctx.set_ciphers(ciphers)
+    return server, client
+
+
+def free_port() -> int:
+    with socket.socket() as probe_sock:
+        probe_sock.bind(("127.0.0.1", 0))
+        port: int = probe_sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Until ``process`` accepts connections on ``port`` (at most 30 s); fails if it exits first."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited early with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{process.args!r} did not start listening")
+
+
+class Background:
+    """Threads whose exceptions reach the test, and which must finish in time."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    def start(self, target: Callable[..., object], *args: object) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException as exc:
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def join(self, timeout: float = 120) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "a background thread hung"
+        assert not self.errors, self.errors
