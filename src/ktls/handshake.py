@@ -151,12 +151,21 @@ class Handshake:
         self.incoming.write(raw)
         return raw
 
+    #: How much an I/O layer peeks at before :meth:`offer`: a whole flight, usually.
+    PEEK_SIZE = 65536
+
+    @property
+    def can_offer(self) -> bool:
+        """Between records: the I/O layer may peek and :meth:`offer` (else it finishes the current record
+        with :meth:`bytes_needed`/:meth:`receive`)."""
+        return not self._offered and not self._incoming_records.buffered
+
     def offer(self, data: bytes) -> int:
         """Bytes that have arrived but are still unread in the socket (``MSG_PEEK``): the whole records at
         their start go to OpenSSL. Returns how many bytes those are; 0 when not even one record is whole —
         then read it with :meth:`bytes_needed`/:meth:`receive`. Call :meth:`step`, then :meth:`take_offered`.
         """
-        if self._offered or self._incoming_records.buffered:
+        if not self.can_offer:
             raise RuntimeError("offer() needs every earlier record accounted for")
         end = whole_records_length(data)
         if end:

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
 from . import handoff
-from .constants import MAX_PLAINTEXT, RECORD_HEADER_SIZE, AlertLevel, ContentType, TLSVersion
+from .constants import MAX_PLAINTEXT, AlertLevel, ContentType, TLSVersion
 from .control import (
     Action,
     ControlRecords,
@@ -101,8 +101,6 @@ _LINGER = 1.0
 _SENDFILE_CHUNK = 1 << 24
 #: ``ioctl``: bytes in a TCP socket's send queue not sent yet (``include/uapi/linux/sockios.h``).
 _SIOCOUTQNSD = 0x894B
-#: The most a handshake read peeks at: a whole flight usually (certificate chains rarely pass 16 KiB).
-_HANDSHAKE_PEEK = 65536
 
 
 def wrap_socket(
@@ -161,8 +159,8 @@ def wrap_socket(
 def _receive_handshake_records(sock: socket.socket, handshake: Handshake) -> None:
     """Give OpenSSL what it waits for, and not a byte more (module docstring, step 1): every whole record
     that has arrived, peeked at (:meth:`Handshake.offer`), or else the rest of one record, read exactly."""
-    if handshake.bytes_needed() == RECORD_HEADER_SIZE:  # between records
-        arrived = sock.recv(_HANDSHAKE_PEEK, socket.MSG_PEEK)
+    if handshake.can_offer:
+        arrived = sock.recv(Handshake.PEEK_SIZE, socket.MSG_PEEK)
         if arrived and handshake.offer(arrived):
             return
     handshake.receive(sock.recv(handshake.bytes_needed()))

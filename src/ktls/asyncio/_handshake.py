@@ -1,8 +1,9 @@
 """The TLS handshake on the event loop, then the hand-off to the kernel (:mod:`ktls.handoff`'s steps).
 
-The handshake is :class:`ktls.handshake.Handshake` driven with ``loop.sock_recv``/``loop.sock_sendall`` on the
-non-blocking socket, reading exactly the bytes that finish the current record (``bytes_needed``), so the loop
-never blocks and the kernel starts at a record boundary. ``ssl_handshake_timeout`` bounds it like asyncio's
+The handshake is :class:`ktls.handshake.Handshake` driven the way the blocking driver drives it — peek at what
+has arrived and offer OpenSSL every whole record (``Handshake.offer``/``take_offered``), or finish the current
+record exactly (``bytes_needed``) — with ``loop.sock_recv``/``loop.sock_sendall`` on the non-blocking socket,
+so the loop never blocks and the kernel starts at a record boundary. ``ssl_handshake_timeout`` bounds it like asyncio's
 own (60 s by default, ``ConnectionAbortedError`` when it runs out).
 """
 
@@ -41,11 +42,16 @@ class Connection:
 
 
 async def _drive(loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: Handshake) -> None:
+    """The blocking driver's loop (``ktls.stream._drive_handshake``), awaiting instead of blocking."""
     try:
-        while not hs.step():
+        while True:
+            complete = hs.step()
+            await _consume(loop, sock, hs.take_offered())
             if out := hs.data_to_send():
                 await loop.sock_sendall(sock, out)
-            hs.receive(await loop.sock_recv(sock, hs.bytes_needed()))
+            if complete:
+                return
+            await _receive_records(loop, sock, hs)
     except ssl.SSLError:
         # OpenSSL wrote an alert saying why; the peer deserves to see it (best effort, never blocking).
         if out := hs.data_to_send():
@@ -54,8 +60,43 @@ async def _drive(loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: Hands
             except OSError:
                 pass
         raise
-    if out := hs.data_to_send():
-        await loop.sock_sendall(sock, out)
+
+
+async def _receive_records(loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: Handshake) -> None:
+    """Every whole record that has arrived, peeked at and offered to OpenSSL; else the rest of one record."""
+    if hs.can_offer:
+        while True:
+            try:
+                arrived = sock.recv(Handshake.PEEK_SIZE, socket.MSG_PEEK)
+                break
+            except (BlockingIOError, InterruptedError):
+                await _readable(loop, sock)
+        if arrived and hs.offer(arrived):
+            return
+    hs.receive(await loop.sock_recv(sock, hs.bytes_needed()))
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _consume(loop: asyncio.AbstractEventLoop, sock: socket.socket, count: int) -> None:
+    """Read and drop ``count`` bytes already peeked at (they are in the socket)."""
+    while count > 0:
+        data = await loop.sock_recv(sock, count)
+        if not data:
+            raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the socket lost bytes it had shown")
+        count -= len(data)
 
 
 def _ulp_attached(sock: socket.socket) -> bool:
