@@ -397,10 +397,8 @@ class Stream:
             n, ancdata, msg_flags, _ = self._sock.recvmsg_into([target], syscalls.RECORD_TYPE_CMSG_SPACE)
         except OSError as exc:
             self._io_failed(exc, kernel_read=True)
-        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
+        if not self._application_data(ancdata, msg_flags):
             return self._kernel_record(syscalls.record_type(ancdata, msg_flags), bytes(target[:n]))
-        if self._control.key_updates_since_data:
-            self._control.application_data_received()
         if small:
             taken = min(n, len(view))
             view[:taken] = target[:taken]
@@ -415,12 +413,19 @@ class Stream:
             data, ancdata, msg_flags, _ = self._sock.recvmsg(bufsize, syscalls.RECORD_TYPE_CMSG_SPACE)
         except OSError as exc:
             self._io_failed(exc, kernel_read=True)
-        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
+        if not self._application_data(ancdata, msg_flags):
             n = self._kernel_record(syscalls.record_type(ancdata, msg_flags), data)
             return None if n is None else b""
+        return data
+
+    def _application_data(self, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> bool:
+        """Whether a kernel read returned application data (one tuple comparison: the hot path's check);
+        if so, the state machine hears of it (it ends a KeyUpdate exchange)."""
+        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
+            return False
         if self._control.key_updates_since_data:
             self._control.application_data_received()
-        return data
+        return True
 
     def _kernel_record(self, content_type: ContentType | int | None, data: bytes) -> int | None:
         """A kernel read that was not application data: the end of the stream (0), or a control record for
