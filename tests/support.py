@@ -10,8 +10,12 @@ import time
 from collections.abc import Callable
 
 from certs import CertFiles
+from ktls.handshake import Handshake, HandshakeResult
+from ktls.keylog_capture import KeylogCapture
+from ktls.keys import ConnectionKeys
+from ktls.stream import _drive_handshake
 
-__all__ = ["Background", "contexts", "free_port", "wait_for_port"]
+__all__ = ["Background", "contexts", "free_port", "handshake_keys", "wait_for_port"]
 
 
 def contexts(
@@ -27,6 +31,20 @@ def contexts(
         if ciphers:
             ctx.set_ciphers(ciphers)
     return server, client
+
+
+def handshake_keys(
+    sock: socket.socket, context: ssl.SSLContext, *, server_side: bool
+) -> tuple[HandshakeResult, ConnectionKeys]:
+    """Our handshake driver on ``sock``, then the connection's keys from the in-memory key log — no kernel."""
+    capture = KeylogCapture.for_context(context)
+    handshake = Handshake(context, server_side=server_side, server_hostname=None if server_side else "localhost")
+    with capture.handshake():
+        _drive_handshake(sock, handshake)
+        result = handshake.result()
+        secrets = capture.take(result.client_random)
+    assert secrets is not None
+    return result, ConnectionKeys.from_handshake(result, secrets, server_side=server_side)
 
 
 def free_port() -> int:

@@ -30,13 +30,10 @@ from ktls.errors import (
     RecordOverflowError,
     RekeyUnsupported,
 )
-from ktls.handshake import Handshake
 from ktls.kernel import CryptoInfo, Direction, KernelSupport
-from ktls.keylog_capture import KeylogCapture
 from ktls.keys import ConnectionKeys
-from ktls.stream import _drive_handshake
 from reference_tls import TLS13, RecordProtection
-from support import contexts
+from support import contexts, handshake_keys
 
 pytestmark = pytest.mark.kernel
 
@@ -60,14 +57,7 @@ class RawPeer:
 
     @classmethod
     def handshake(cls, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool) -> RawPeer:
-        capture = KeylogCapture.for_context(context)
-        hs = Handshake(context, server_side=server_side, server_hostname=None if server_side else "localhost")
-        with capture.handshake():
-            _drive_handshake(sock, hs)
-            result = hs.result()
-            secrets = capture.take(result.client_random)
-        assert secrets is not None
-        keys = ConnectionKeys.from_handshake(result, secrets, server_side=server_side)
+        result, keys = handshake_keys(sock, context, server_side=server_side)
         tx = reference(keys.crypto_info(Direction.TX, result.tx_seq, result.tx_explicit_nonce))
         rx = reference(keys.crypto_info(Direction.RX, result.rx_seq))
         return cls(sock, keys, tx, rx)

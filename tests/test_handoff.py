@@ -21,10 +21,9 @@ from ktls.constants import ContentType, TLSVersion
 from ktls.handshake import Handshake
 from ktls.kernel import CryptoInfo, Direction
 from ktls.keylog_capture import KeylogCapture
-from ktls.keys import ConnectionKeys
 from ktls.stream import _drive_handshake
 from reference_tls import TLS13, RecordProtection
-from support import contexts
+from support import contexts, handshake_keys
 
 #: (TLS version, OpenSSL cipher string for TLS 1.2, certificate kind)
 CASES = [
@@ -95,14 +94,7 @@ def test_handoff_keys_and_sequence_numbers(
 
     thread = threading.Thread(target=peer, daemon=True)
     thread.start()
-    capture = KeylogCapture.for_context(ours_ctx)
-    handshake = Handshake(ours_ctx, server_side=ours_is_server, server_hostname=None if ours_is_server else "localhost")
-    with capture.handshake():
-        _drive_handshake(ours, handshake)
-        result = handshake.result()
-        secrets = capture.take(result.client_random)
-    assert secrets is not None
-    keys = ConnectionKeys.from_handshake(result, secrets, server_side=ours_is_server)
+    result, keys = handshake_keys(ours, ours_ctx, server_side=ours_is_server)
     tx = reference_for(keys.crypto_info(Direction.TX, result.tx_seq, result.tx_explicit_nonce))
     rx = reference_for(keys.crypto_info(Direction.RX, result.rx_seq))
 
@@ -174,7 +166,9 @@ def test_user_keylog_file_keeps_working(
 
 def _ours_as_client(
     tcp_pair: tuple[socket.socket, socket.socket], client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext
-) -> tuple[Handshake, dict[str, object]]:
+) -> dict[str, object]:
+    """Our client's handshake against a stock server; the peer's records open with our RX keys. Returns what
+    the server saw."""
     ours, theirs = tcp_pair
     peer: dict[str, object] = {}
 
@@ -189,14 +183,8 @@ def _ours_as_client(
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    capture = KeylogCapture.for_context(client_ctx)
-    handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost")
-    with capture.handshake():
-        _drive_handshake(ours, handshake)
-        secrets = capture.take(handshake.result().client_random)
-    assert secrets is not None
-    keys = ConnectionKeys.from_handshake(handshake.result(), secrets, server_side=False)
-    rx = reference_for(keys.crypto_info(Direction.RX, handshake.result().rx_seq))
+    result, keys = handshake_keys(ours, client_ctx, server_side=False)
+    rx = reference_for(keys.crypto_info(Direction.RX, result.rx_seq))
     opened = [rx.open(r) for r in recv_records(ours, 3)]  # two tickets, then the data
     assert [r.content_type for r in opened] == [
         ContentType.HANDSHAKE,
@@ -206,7 +194,7 @@ def _ours_as_client(
     assert opened[-1].plaintext == b"hello after the handshake"
     thread.join(10)
     assert peer.get("ok"), peer.get("error")
-    return handshake, peer
+    return peer
 
 
 def test_hello_retry_request(tcp_pair: tuple[socket.socket, socket.socket], rsa_cert: CertFiles) -> None:
@@ -232,7 +220,7 @@ def test_client_certificate(
     server_ctx.verify_mode = ssl.CERT_REQUIRED
     server_ctx.load_verify_locations(ecdsa_cert.cert)
     client_ctx.load_cert_chain(ecdsa_cert.cert, ecdsa_cert.key)
-    _, peer = _ours_as_client(tcp_pair, client_ctx, server_ctx)
+    peer = _ours_as_client(tcp_pair, client_ctx, server_ctx)
     assert peer["client_cert"]
 
 
@@ -270,16 +258,9 @@ def test_data_right_behind_the_last_handshake_record_stays_in_the_socket(
 
     thread = threading.Thread(target=peer, daemon=True)
     thread.start()
-    capture = KeylogCapture.for_context(ours_ctx)
-    handshake = Handshake(ours_ctx, server_side=ours_is_server, server_hostname=None if ours_is_server else "localhost")
-    with capture.handshake():
-        _drive_handshake(ours, handshake)
-        result = handshake.result()
-        secrets = capture.take(result.client_random)
+    result, keys = handshake_keys(ours, ours_ctx, server_side=ours_is_server)
     thread.join(10)
     assert not failure, failure
-    assert secrets is not None
-    keys = ConnectionKeys.from_handshake(result, secrets, server_side=ours_is_server)
     rx = reference_for(keys.crypto_info(Direction.RX, result.rx_seq))
     opened = rx.open(recv_records(ours, 1)[0])
     assert (opened.content_type, opened.plaintext) == (ContentType.APPLICATION_DATA, b"right behind the handshake")
