@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from certs import CertFiles
+from ktls.handoff import proven_secrets
 from ktls.handshake import Handshake, HandshakeResult
 from ktls.keylog_capture import KeylogCapture
 from ktls.keys import ConnectionKeys
@@ -38,12 +39,16 @@ def handshake_keys(
 ) -> tuple[HandshakeResult, ConnectionKeys]:
     """Our handshake driver on ``sock``, then the connection's keys from the in-memory key log — no kernel."""
     capture = KeylogCapture.for_context(context)
-    handshake = Handshake(context, server_side=server_side, server_hostname=None if server_side else "localhost")
-    with capture.handshake():
+    with capture.handshake() as claim:
+        handshake = Handshake(
+            context,
+            server_side=server_side,
+            server_hostname=None if server_side else "localhost",
+            on_client_random=claim.bind,
+        )
         _drive_handshake(sock, handshake)
         result = handshake.result()
-        secrets = capture.take(result.client_random)
-    assert secrets is not None
+        secrets = proven_secrets(handshake, claim, server_side=server_side)  # the proof runs on the host too
     return result, ConnectionKeys.from_handshake(result, secrets, server_side=server_side)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from certs import CertFiles
 from ktls.constants import ContentType, TLSVersion
+from ktls.errors import KernelTLSUnavailable
 from ktls.handshake import Handshake
 from ktls.kernel import CryptoInfo, Direction
 from ktls.keylog_capture import KeylogCapture
@@ -129,12 +130,12 @@ def test_secrets_are_consumed_and_memory_is_bounded(
     ours, theirs = tcp_pair
     thread = threading.Thread(target=lambda: server_ctx.wrap_socket(theirs, server_side=True), daemon=True)
     thread.start()
-    handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost")
-    with capture.handshake():
+    with capture.handshake() as claim:
+        handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost", on_client_random=claim.bind)
         _drive_handshake(ours, handshake)
-        secrets = capture.take(handshake.result().client_random)
-        assert secrets is not None
-        assert capture.take(handshake.result().client_random) is None  # taken once
+        secrets = claim.take()
+        with pytest.raises(KernelTLSUnavailable, match="no secrets"):
+            claim.take()  # taken once
     thread.join(10)
     assert len(capture) == 0
     assert capture.size == 0  # truncated once no handshake is in flight
@@ -152,10 +153,10 @@ def test_user_keylog_file_keeps_working(
     ours, theirs = tcp_pair
     thread = threading.Thread(target=lambda: server_ctx.wrap_socket(theirs, server_side=True), daemon=True)
     thread.start()
-    handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost")
-    with capture.handshake():
+    with capture.handshake() as claim:
+        handshake = Handshake(client_ctx, server_side=False, server_hostname="localhost", on_client_random=claim.bind)
         _drive_handshake(ours, handshake)
-        assert capture.take(handshake.result().client_random) is not None
+        claim.take()
     thread.join(10)
     text = user_log.read_text()
     assert f"CLIENT_TRAFFIC_SECRET_0 {handshake.result().client_random.hex()}" in text

@@ -4,9 +4,11 @@ The steps, in order, and what each may conclude:
 
 1. :func:`begin`: is kernel TLS possible at all (``probe``)? If so, capture the context's key log in memory.
    If not, the reason becomes the stream's ``fallback_reason``.
-2. The caller drives :class:`~ktls.handshake.Handshake` with its own I/O, inside ``capture.handshake()``.
-3. :func:`derive_keys`: the connection's secrets from the key log, its keys, and whether this kernel takes
-   its cipher for its TLS version. :class:`~ktls.errors.KernelTLSUnavailable` means: stay in user space.
+2. The caller drives :class:`~ktls.handshake.Handshake` with its own I/O, inside ``capture.handshake()``,
+   whose :class:`~ktls.keylog_capture.SecretClaim` the handshake binds its client random to.
+3. :func:`derive_keys`: whether this kernel takes the cipher for its TLS version; the connection's secrets
+   from the key log, *proven* to be its own (:mod:`ktls.tls.proof`); its keys.
+   :class:`~ktls.errors.KernelTLSUnavailable` means: stay in user space.
 4. :func:`install`: attach the ULP, give the kernel the send key at the exact sequence number, then the
    receive key — except for a TLS 1.3 client, whose receive side waits for the first application record
    (:class:`DeferredReceive`) so the server's tickets reach OpenSSL and ``session`` stays resumable.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import socket
 import ssl
 
@@ -28,10 +31,22 @@ from .handshake import Handshake, HandshakeResult
 from .kernel import syscalls
 from .kernel.probe import KernelSupport, probe
 from .kernel.uapi import CipherType, Direction
-from .keylog_capture import KeylogCapture
+from .keylog_capture import KeylogCapture, SecretClaim
 from .keys import ConnectionKeys
+from .tls.keylog import ConnectionSecrets
+from .tls.proof import SecretsNotProven, prove_secrets
+from .tls.suites import suite_by_openssl_name
 
-__all__ = ["RECORD_LIMITS", "DeferredReceive", "Installed", "begin", "derive_keys", "install", "install_rx"]
+__all__ = [
+    "RECORD_LIMITS",
+    "DeferredReceive",
+    "Installed",
+    "begin",
+    "derive_keys",
+    "install",
+    "install_rx",
+    "proven_secrets",
+]
 
 #: RFC 8446 §5.5 key-usage limits in records, per kernel AEAD; the send key is updated on reaching them
 #: (with margin: AES-GCM's limit is 2^24.5 full-size records, AES-CCM's 2^23.5 per RFC 9147 §4.5.3).
@@ -49,6 +64,8 @@ RECORD_LIMITS: dict[CipherType, int] = {
 #: 4+4+4+1+2+1+2 = 18 bytes + 17 = 35 (RFC 8446 §4.6.1); alerts OpenSSL reports as alerts.
 KEY_UPDATE_MAX_CIPHERTEXT = 35
 
+_log = logging.getLogger("ktls")
+
 
 def begin(context: ssl.SSLContext, *, require_kernel: bool) -> tuple[KeylogCapture | None, str | None]:
     """Before the handshake: the key-log capture, or ``None`` and why the kernel cannot take over."""
@@ -62,20 +79,56 @@ def begin(context: ssl.SSLContext, *, require_kernel: bool) -> tuple[KeylogCaptu
 
 
 def derive_keys(
-    handshake: Handshake, capture: KeylogCapture, *, server_side: bool
+    handshake: Handshake, claim: SecretClaim, *, server_side: bool
 ) -> tuple[ConnectionKeys, HandshakeResult]:
-    """After the handshake (inside ``capture.handshake()``): the keys the kernel needs, or
-    :class:`~ktls.errors.KernelTLSUnavailable` saying why it cannot have them."""
+    """After the handshake (inside ``capture.handshake()``, whose claim the handshake bound): the keys the
+    kernel needs, or :class:`~ktls.errors.KernelTLSUnavailable` saying why it cannot have them."""
     result = handshake.result()
-    secrets = capture.take(result.client_random)
-    if secrets is None:
-        raise KernelTLSUnavailable(None, "the key log has no secrets for this connection")
-    keys = ConnectionKeys.from_handshake(result, secrets, server_side=server_side)
-    cipher = keys.suite.kernel_cipher
+    suite = suite_by_openssl_name(result.openssl_cipher)
+    cipher = suite.kernel_cipher if suite is not None and suite.version is result.version else None
     if cipher is None or not probe().supports(cipher.cipher_type, result.version):
-        refused = f"this kernel does not accept {result.openssl_cipher} ({result.version.label})"
-        raise KernelTLSUnavailable(None, refused)
-    return keys, result
+        raise KernelTLSUnavailable(
+            None, f"this kernel does not accept {result.openssl_cipher} ({result.version.label})"
+        )
+    secrets = proven_secrets(handshake, claim, server_side=server_side)
+    try:
+        return ConnectionKeys.from_handshake(result, secrets, server_side=server_side), result
+    finally:
+        secrets.wipe()
+
+
+def proven_secrets(handshake: Handshake, claim: SecretClaim, *, server_side: bool) -> ConnectionSecrets:
+    """This connection's secrets, beyond doubt — no kernel needed, so the host tests run it too.
+
+    The claim refuses a client random that another handshake shares (:mod:`ktls.keylog_capture`), and
+    :func:`~ktls.tls.proof.prove_secrets` opens the connection's own records with what was taken. Either
+    refusal is logged at WARNING (someone may be racing client randoms) and raises
+    :class:`~ktls.errors.KernelTLSUnavailable`: the connection stays in userspace TLS.
+    """
+    result = handshake.result()
+    suite = suite_by_openssl_name(result.openssl_cipher)
+    if suite is None or suite.version is not result.version:
+        raise KernelTLSUnavailable(None, f"{result.openssl_cipher} has no kernel cipher")
+    try:
+        secrets = claim.take()
+    except KernelTLSUnavailable as exc:
+        if claim.refusal is not None:
+            _log.warning("ktls: secrets not handed to the kernel: %s", exc)
+        raise
+    try:
+        prove_secrets(
+            suite,
+            secrets,
+            handshake.evidence(),
+            client_random=result.client_random,
+            server_random=result.server_random,
+            server_side=server_side,
+        )
+    except SecretsNotProven as exc:
+        secrets.wipe()
+        _log.warning("ktls: secrets not handed to the kernel: %s", exc)
+        raise KernelTLSUnavailable(None, f"the key log's secrets are not this connection's: {exc}") from None
+    return secrets
 
 
 @dataclasses.dataclass

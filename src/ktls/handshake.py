@@ -22,8 +22,13 @@ kernel, and they are why this is not just ``SSLContext.wrap_socket``:
   record 0 of its epoch, so both are 1 — and for AES-GCM/CCM the explicit nonce of the next record we send is
   our Finished's explicit nonce + 1 (OpenSSL starts it at a random value, not at the sequence number).
 * **Whose secrets.** OpenSSL writes the traffic secrets to the key log (:mod:`ktls.keylog_capture`); the
-  client random read from the ClientHello says which lines are this connection's. TLS 1.2 also needs the
-  server random, read from the ServerHello.
+  client random says which lines are this connection's. It is read from the *first ClientHello message*,
+  reassembled from the handshake records as a message stream (a hello may be split one byte per record, or
+  share a record), never from a record that merely starts like one; TLS 1.2's server random likewise from
+  the real ServerHello (not a HelloRetryRequest). The random is announced (``on_client_random``) before
+  OpenSSL can log a secret under it, so the capture can tell when two handshakes claim one random. The
+  first protected records of each direction are kept as evidence (:meth:`Handshake.evidence`): the secrets
+  must open them before the kernel gets any key (:mod:`ktls.tls.proof`).
 
 A handshake failure leaves an alert in the outgoing BIO: the I/O layer sends :meth:`data_to_send` before it
 raises, so the peer learns why.
@@ -31,21 +36,16 @@ raises, so the peer learns why.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ssl
+from collections.abc import Callable
 
-from .constants import ContentType, HandshakeType, TLSVersion
-from .tls.errors import TLSProtocolError
-from .tls.records import (
-    RecordReader,
-    client_random_from_client_hello,
-    server_random_from_server_hello,
-    whole_records_length,
-)
+from .constants import RECORD_HEADER_SIZE, ContentType, HandshakeType, TLSVersion
+from .tls.proof import HandshakeEvidence
+from .tls.records import HANDSHAKE_HEADER_SIZE, RecordReader, whole_records_length
 from .tls.suites import suite_by_openssl_name
 
-__all__ = ["Handshake", "HandshakeResult"]
+__all__ = ["HELLO_RETRY_REQUEST_RANDOM", "MAX_EVIDENCE_RECORDS", "Handshake", "HandshakeResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,34 +63,118 @@ class HandshakeResult:
     tx_explicit_nonce: int | None
 
 
+#: RFC 8446 §4.1.3: a ServerHello with this random is a HelloRetryRequest, not the real ServerHello.
+HELLO_RETRY_REQUEST_RANDOM = bytes.fromhex("CF21AD74E59A6111BE1D8C021E65B891C2A211167ABB8C5E079E09E2C8A8339C")
+
+#: Protected records kept per direction as evidence for :mod:`ktls.tls.proof`. A handshake protects a handful
+#: (TLS 1.3 server: EncryptedExtensions … Finished, then its tickets; TLS 1.2: one Finished each way); the
+#: bound only stops a peer that sends many (e.g. rejected early data) from making us keep them all.
+MAX_EVIDENCE_RECORDS = 16
+
+_HELLO_BODY_PREFIX = 2 + 32  # legacy_version, random (RFC 8446 §4.1.2, RFC 5246 §7.4.1.2)
+
+
+class _HelloReader:
+    """The plaintext handshake *messages* of one direction, reassembled across records, reduced to what the
+    hand-off needs: the ``random`` of each hello of the expected type.
+
+    Messages are framed as a stream (a hello may come one byte per record, or share a record with others), so
+    only a real hello message is read — never a record that merely starts like one (a decoy). Bodies are not
+    kept: at most a message header and a hello's first 34 body bytes are buffered, however large the messages.
+    """
+
+    def __init__(self, hello: HandshakeType) -> None:
+        self._hello = hello
+        self._buffer = bytearray()  # the current message's header, then (for a hello) its first body bytes
+        self._body_left = 0  # bytes of the current message's body still to come
+        self._is_hello = False
+        #: The first two hellos' randoms (a second ClientHello follows a HelloRetryRequest; a third hello is
+        #: never legal, and OpenSSL refuses it: keeping two bounds what a peer can make us hold).
+        self.randoms: list[bytes] = []
+
+    def feed(self, fragment: bytes) -> None:
+        view = memoryview(fragment)
+        while view:
+            if self._body_left == 0 and len(self._buffer) < HANDSHAKE_HEADER_SIZE:
+                take = HANDSHAKE_HEADER_SIZE - len(self._buffer)
+                self._buffer += view[:take]
+                view = view[take:]
+                if len(self._buffer) == HANDSHAKE_HEADER_SIZE:
+                    self._is_hello = self._buffer[0] == self._hello
+                    self._body_left = int.from_bytes(self._buffer[1:4], "big")
+                    self._message_started()
+                continue
+            take = min(self._body_left, len(view))
+            if self._is_hello and len(self._buffer) < HANDSHAKE_HEADER_SIZE + _HELLO_BODY_PREFIX:
+                self._buffer += view[: min(take, HANDSHAKE_HEADER_SIZE + _HELLO_BODY_PREFIX - len(self._buffer))]
+            self._body_left -= take
+            view = view[take:]
+            if self._body_left == 0:
+                self._message_ended()
+
+    def _message_started(self) -> None:
+        if self._body_left == 0:
+            self._message_ended()
+
+    def _message_ended(self) -> None:
+        if self._is_hello:
+            body = bytes(self._buffer[HANDSHAKE_HEADER_SIZE:])
+            # A hello too short to hold a random, or not TLS: OpenSSL refuses it with the right alert.
+            if len(body) >= _HELLO_BODY_PREFIX and body[0] == 3 and len(self.randoms) < 2:
+                self.randoms.append(body[2:_HELLO_BODY_PREFIX])
+        self._buffer.clear()
+        self._is_hello = False
+
+
 class _RecordScanner:
-    """Cuts one direction's byte stream into records and remembers what the hand-off needs from them."""
+    """Cuts one direction's byte stream into records and remembers what the hand-off needs from them: the
+    hello randoms (from the plaintext handshake messages) and the first protected records (the evidence that
+    :mod:`ktls.tls.proof` checks the key log's secrets against)."""
 
     def __init__(self, hello: HandshakeType) -> None:
         self._reader = RecordReader()
-        self._hello = hello
-        self.hello_random: bytes | None = None  # of the last Client/ServerHello (after an HRR: the real one)
+        self._hellos = _HelloReader(hello)
         self.seen_change_cipher_spec = False
-        self.finished_explicit_nonce: bytes | None = None  # TLS 1.2: first 8 body bytes of the record after CCS
+        self.seen_protected = False  # TLS 1.3: a record of outer type application_data (encrypted)
+        #: TLS 1.2: the first record after ChangeCipherSpec (the Finished), header included.
+        self.first_after_change_cipher_spec: bytes | None = None
+        #: TLS 1.3: the records of outer type application_data, in order (at most MAX_EVIDENCE_RECORDS).
+        self.protected: list[bytes] = []
+        self.protected_count = 0
         self.records = 0
+        #: A HelloRetryRequest was seen (either direction): a TLS 1.3 middlebox-compatibility
+        #: ChangeCipherSpec is then followed by a plaintext hello (RFC 8446 §D.4), where in TLS 1.2 the record
+        #: after ChangeCipherSpec is the encrypted Finished, which must never be read as messages.
+        self.hello_retry = False
+
+    @property
+    def hello_randoms(self) -> list[bytes]:
+        """The random of every hello of this direction, in order (two after a HelloRetryRequest)."""
+        return self._hellos.randoms
 
     def feed(self, data: bytes) -> None:
         self._reader.feed(data)
         for record in self._reader:
             self.records += 1
-            if record.content_type is ContentType.HANDSHAKE and not self.seen_change_cipher_spec:
-                with contextlib.suppress(TLSProtocolError):  # not a hello: some other handshake record
-                    self.hello_random = _hello_random(bytes(record), self._hello) or self.hello_random
-            if record.content_type is ContentType.CHANGE_CIPHER_SPEC:
+            content_type = record.content_type
+            if self.seen_change_cipher_spec and self.first_after_change_cipher_spec is None:
+                self.first_after_change_cipher_spec = bytes(record)
+            if content_type is ContentType.APPLICATION_DATA:
+                self.seen_protected = True
+                self.protected_count += 1
+                if len(self.protected) < MAX_EVIDENCE_RECORDS:
+                    self.protected.append(bytes(record))
+            elif content_type is ContentType.CHANGE_CIPHER_SPEC:
                 self.seen_change_cipher_spec = True
-            elif self.seen_change_cipher_spec and self.finished_explicit_nonce is None:
-                self.finished_explicit_nonce = record.fragment[:8]
+            elif content_type is ContentType.HANDSHAKE and self._plaintext_handshake:
+                self._hellos.feed(bytes(record.fragment))
+                self.hello_retry = self.hello_retry or HELLO_RETRY_REQUEST_RANDOM in self.hello_randoms
 
-
-def _hello_random(record: bytes, hello: HandshakeType) -> bytes | None:
-    if hello is HandshakeType.CLIENT_HELLO:
-        return client_random_from_client_hello(record)
-    return server_random_from_server_hello(record)
+    @property
+    def _plaintext_handshake(self) -> bool:
+        """Handshake records are still plaintext: nothing protected yet, and no ChangeCipherSpec — or one that
+        follows a HelloRetryRequest (TLS 1.3 middlebox compatibility)."""
+        return not self.seen_protected and (not self.seen_change_cipher_spec or self.hello_retry)
 
 
 class Handshake:
@@ -109,7 +193,12 @@ class Handshake:
         server_side: bool,
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
+        on_client_random: Callable[[bytes], None] | None = None,
     ) -> None:
+        """``on_client_random`` is called with each client random of this handshake the moment it is known
+        and before OpenSSL can log a secret under it (a server: when the ClientHello has arrived, before
+        OpenSSL reads it; a client: right after OpenSSL wrote it) — :class:`ktls.keylog_capture.SecretClaim`
+        binds it so."""
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(
@@ -123,6 +212,9 @@ class Handshake:
         self._received = _RecordScanner(ours if server_side else theirs)
         self._unsent = bytearray()
         self._offered = b""  # whole records given to OpenSSL by offer(), not yet accounted for
+        self._on_client_random = on_client_random
+        self._announced: list[bytes] = []
+        self._first_ticket: int | None = None  # TLS 1.3 server: index of its first ticket record
         #: Records OpenSSL wrote during the latest :meth:`step` (TLS 1.3 server: its tickets).
         self.last_step_records = 0
 
@@ -148,6 +240,7 @@ class Handshake:
             return None
         raw = bytes(record)
         self._received.feed(raw)
+        self._share_hello_retry()
         self.incoming.write(raw)
         return raw
 
@@ -170,6 +263,11 @@ class Handshake:
         end = whole_records_length(data)
         if end:
             self._offered = data[:end]
+            # Scanned now, before OpenSSL reads them, so a ClientHello's random is bound before any secret is
+            # logged under it. Records OpenSSL leaves (past the handshake's end) are protected application
+            # records, which the scanner only counts.
+            self._received.feed(self._offered)
+            self._share_hello_retry()
             self.incoming.write(self._offered)
         return end
 
@@ -185,7 +283,6 @@ class Handshake:
             self.incoming.read(left)
             if whole_records_length(offered[:used]) != used:
                 raise ssl.SSLError("OpenSSL stopped in the middle of a record: cannot hand off exactly")
-        self._received.feed(offered[:used])
         return used
 
     # -- stepping -----------------------------------------------------------------------------------------------
@@ -196,21 +293,40 @@ class Handshake:
         Raises ``ssl.SSLError`` (certificate, protocol, …) — send :meth:`data_to_send` first: it holds the alert.
         """
         self._drain_output()
-        before = self._sent.records
+        self._announce_client_random()
+        before, protected_before = self._sent.records, self._sent.protected_count
         try:
             self.ssl_object.do_handshake()
         except ssl.SSLWantReadError:
             return False
         finally:
             self._drain_output()
+            self._announce_client_random()
             self.last_step_records = self._sent.records - before
         self.complete = True
+        if self._sent.protected_count > protected_before and self.server_side:
+            self._first_ticket = protected_before
         return True
+
+    def _share_hello_retry(self) -> None:
+        """A HelloRetryRequest sent or received tells both directions' scanners (``_RecordScanner.hello_retry``)."""
+        if self._sent.hello_retry or self._received.hello_retry:
+            self._sent.hello_retry = self._received.hello_retry = True
+
+    def _announce_client_random(self) -> None:
+        self._share_hello_retry()
+        scanner = self._received if self.server_side else self._sent
+        for random in scanner.hello_randoms:
+            if random not in self._announced:
+                self._announced.append(random)
+                if self._on_client_random is not None:
+                    self._on_client_random(random)
 
     def _drain_output(self) -> None:
         if self.outgoing.pending:
             data = self.outgoing.read()
             self._sent.feed(data)
+            self._share_hello_retry()
             self._unsent += data
 
     def data_to_send(self) -> bytes:
@@ -232,16 +348,29 @@ class Handshake:
         if cipher is None or version_name not in ("TLSv1.2", "TLSv1.3"):
             raise ssl.SSLError(f"kernel TLS needs TLS 1.2 or 1.3, the handshake gave {version_name}")
         version = TLSVersion.TLS1_3 if version_name == "TLSv1.3" else TLSVersion.TLS1_2
-        client_random = self._sent.hello_random if not self.server_side else self._received.hello_random
-        server_random = self._received.hello_random if not self.server_side else self._sent.hello_random
-        if client_random is None or server_random is None:
+        client_hellos = (self._received if self.server_side else self._sent).hello_randoms
+        server_hellos = (self._sent if self.server_side else self._received).hello_randoms
+        real_server_hellos = [random for random in server_hellos if random != HELLO_RETRY_REQUEST_RANDOM]
+        if not client_hellos or not real_server_hellos:
             raise ssl.SSLError("could not read the hello randoms of this handshake")
+        client_random, server_random = client_hellos[0], real_server_hellos[0]
         if version is TLSVersion.TLS1_3:
             tx_seq = self.last_step_records if self.server_side else 0
             return HandshakeResult(version, cipher[0], client_random, server_random, tx_seq, 0, None)
         suite = suite_by_openssl_name(cipher[0])
-        nonce = self._sent.finished_explicit_nonce
+        finished = self._sent.first_after_change_cipher_spec
+        nonce = finished[RECORD_HEADER_SIZE:] if finished is not None else None
         explicit = None
         if suite is not None and suite.explicit_nonce_size and nonce is not None:
             explicit = int.from_bytes(nonce[: suite.explicit_nonce_size], "big") + 1
         return HandshakeResult(version, cipher[0], client_random, server_random, 1, 1, explicit)
+
+    def evidence(self) -> HandshakeEvidence:
+        """The protected records this handshake sent and received, for :func:`ktls.tls.proof.prove_secrets`."""
+        return HandshakeEvidence(
+            sent=tuple(self._sent.protected),
+            received=tuple(self._received.protected),
+            sent_finished=self._sent.first_after_change_cipher_spec,
+            received_finished=self._received.first_after_change_cipher_spec,
+            first_ticket=self._first_ticket,
+        )

@@ -5,21 +5,36 @@ calls back with NSS key-log lines and CPython appends them to that file. We poin
 in-memory file (``memfd_create``, opened through ``/proc/self/fd/N``), so secrets never touch a disk, read
 what is appended, and hand each connection its own lines by client random (:class:`ktls.tls.keylog.KeylogParser`).
 
+* **A connection only ever gets its own secrets.** The client random that names a connection's lines is
+  chosen by the client and sent in clear, so two handshakes can share one. Each ktls handshake holds a
+  :class:`SecretClaim` and binds its client random to it the moment the random is known, before OpenSSL can
+  log a secret under it (:class:`ktls.handshake.Handshake`'s ``on_client_random``). A random bound by two
+  claims in flight at once, or under which one label is logged with two values (the parser's ``ambiguous``),
+  or a client that changes its random after a HelloRetryRequest: :meth:`SecretClaim.take` refuses, and the
+  connection stays in userspace TLS — OpenSSL's own keys, always right. :mod:`ktls.tls.proof` then checks
+  what was taken against the connection's own records (an independent guard).
 * **One capture per context.** ``keylog_filename`` belongs to the whole context, which serves many
   connections and threads. Captures are kept in a ``WeakKeyDictionary`` keyed by the context itself, never
   by ``id(context)``: an id is reused once a context is freed.
-* **Bounded memory.** Lines are dropped once taken; when no ktls handshake of this context is in flight and
-  everything written has been read, the memory file is truncated back to zero (writes are ``O_APPEND``, so
-  the next line lands at offset 0).
+* **A key log that forgets.** Every byte is released from the memory file as soon as it has been read
+  (``fallocate(FALLOC_FL_PUNCH_HOLE)`` over the read range: the pages are freed, later ``O_APPEND`` writes
+  still land at the end), so the file holds only lines not read yet — never past connections' secrets, even
+  while a stalled handshake keeps the file from being truncated. When no claim is in flight and everything
+  has been read, the file is also truncated to zero. Lines read but not taken are bounded by the parser;
+  a claim that ends without taking its lines discards them; taken secrets are wiped once keys are derived.
+* **fork.** A child process gets its own memory file for every capture (``os.register_at_fork``): the
+  file descriptor is shared with the parent otherwise, and one side's reads, holes and truncation would
+  take lines the other is waiting for.
 * **The user's key log keeps working.** If the context already had a ``keylog_filename`` (for example from
   ``SSLKEYLOGFILE`` in ``ssl.create_default_context``), every line read is appended to that file too.
   The one line that can be lost is one written by a connection that ktls does not drive, in the instant
-  between our last read and the truncation; ktls's own connections are counted and never lose theirs.
+  between our last read and the truncation; ktls's own connections are claimed and never lose theirs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import ssl
 import threading
@@ -30,9 +45,61 @@ from typing import ClassVar
 from .errors import KernelTLSUnavailable
 from .tls.keylog import ConnectionSecrets, KeylogParser
 
-__all__ = ["KeylogCapture"]
+__all__ = ["KeylogCapture", "SecretClaim"]
 
 _READ_CHUNK = 65536
+
+# include/uapi/linux/falloc.h
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """``int fallocate(int fd, int mode, off_t offset, off_t len)`` from the C library, if there is one."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
+
+
+def _punch_hole(fd: int, length: int) -> bool:
+    """Free the first ``length`` bytes of ``fd``'s pages (they read as zeros); whether the kernel did."""
+    if _fallocate is None or length <= 0:
+        return False
+    return bool(_fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, length) == 0)
+
+
+class SecretClaim:
+    """One ktls handshake's claim on the key-log lines of its client random (module docstring).
+
+    :meth:`bind` each client random the handshake sees (``Handshake(on_client_random=claim.bind)``), then
+    :meth:`take` once the handshake is complete. It ends with the ``with capture.handshake()`` block.
+    """
+
+    def __init__(self, capture: KeylogCapture) -> None:
+        self._capture = capture
+        self.client_random: bytes | None = None
+        #: Why the claim cannot be honoured (``None``: nothing against it so far).
+        self.refusal: str | None = None
+        self.taken = False
+
+    def bind(self, client_random: bytes) -> None:
+        self._capture._bind(self, client_random)
+
+    def take(self) -> ConnectionSecrets:
+        """This connection's secrets, removed from the capture; :class:`~ktls.errors.KernelTLSUnavailable`
+        with the reason when they cannot be told apart from another connection's or are missing."""
+        return self._capture._take(self)
+
+    def __repr__(self) -> str:
+        random = self.client_random.hex()[:16] + "…" if self.client_random else None
+        return f"<SecretClaim client_random={random} refusal={self.refusal!r}>"
 
 
 class KeylogCapture:
@@ -52,14 +119,18 @@ class KeylogCapture:
             return capture
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        try:
-            self._fd = os.memfd_create("ktls-keylog", os.MFD_CLOEXEC)
-        except (AttributeError, OSError) as exc:
-            raise KernelTLSUnavailable(None, f"cannot create an in-memory key log: {exc}") from exc
         self._forward_to: str | None = None
         previous = context.keylog_filename
         if previous and not str(previous).startswith("/proc/self/fd/"):
             self._forward_to = os.fspath(previous)
+        self._open(context)
+
+    def _open(self, context: ssl.SSLContext) -> None:
+        """A fresh memory file for ``context``'s key log, and empty state around it."""
+        try:
+            self._fd = os.memfd_create("ktls-keylog", os.MFD_CLOEXEC)
+        except (AttributeError, OSError) as exc:
+            raise KernelTLSUnavailable(None, f"cannot create an in-memory key log: {exc}") from exc
         try:
             context.keylog_filename = f"/proc/self/fd/{self._fd}"
         except OSError as exc:
@@ -68,33 +139,86 @@ class KeylogCapture:
         self._finalizer = weakref.finalize(self, os.close, self._fd)
         self._lock = threading.Lock()
         self._offset = 0
-        self._in_flight = 0
         self._parser = KeylogParser()
+        self._live: set[SecretClaim] = set()  # claims whose handshake is in flight
+        self._bound: dict[bytes, set[SecretClaim]] = {}  # client random → live claims bound to it
+
+    # -- claims ---------------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def handshake(self) -> Iterator[None]:
-        """Bracket one ktls handshake: while any is in flight, the memory file is never truncated."""
+    def handshake(self) -> Iterator[SecretClaim]:
+        """Bracket one ktls handshake with its :class:`SecretClaim`; while any is in flight, the memory file
+        is never truncated (holes are still punched: nothing read stays in memory)."""
+        claim = SecretClaim(self)
         with self._lock:
-            self._in_flight += 1
+            self._live.add(claim)
         try:
-            yield
+            yield claim
         finally:
             with self._lock:
-                self._in_flight -= 1
+                self._end(claim)
                 self._maybe_truncate()
 
-    def take(self, client_random: bytes) -> ConnectionSecrets | None:
-        """The secrets logged for the connection with ``client_random``, removed from the capture."""
+    def _bind(self, claim: SecretClaim, client_random: bytes) -> None:
         with self._lock:
+            if claim.client_random is not None:
+                if claim.client_random != client_random:
+                    # RFC 8446 §4.1.2: the ClientHello after a HelloRetryRequest repeats the random.
+                    claim.refusal = "the client changed its random after a HelloRetryRequest (RFC 8446 §4.1.2)"
+                return
+            claim.client_random = client_random
+            claimants = self._bound.setdefault(client_random, set())
+            claimants.add(claim)
+            if len(claimants) > 1:
+                for each in claimants:
+                    each.refusal = "another handshake in flight on this context uses the same client random"
+
+    def _take(self, claim: SecretClaim) -> ConnectionSecrets:
+        with self._lock:
+            if claim.client_random is None:
+                raise KernelTLSUnavailable(None, "the handshake's client random was never seen")
+            if claim.refusal is None:
+                self._read_new()
+            secrets = self._parser.take(claim.client_random)
+            claim.taken = True
+        if claim.refusal is not None:
+            if secrets is not None:
+                secrets.wipe()
+            raise KernelTLSUnavailable(None, claim.refusal)
+        if secrets is None:
+            raise KernelTLSUnavailable(None, "the key log has no secrets for this connection")
+        if secrets.ambiguous:
+            secrets.wipe()
+            raise KernelTLSUnavailable(None, "two handshakes logged different secrets under this client random")
+        return secrets
+
+    def _end(self, claim: SecretClaim) -> None:
+        self._live.discard(claim)
+        random = claim.client_random
+        if random is None:
+            return
+        claimants = self._bound.get(random)
+        if claimants is not None:
+            claimants.discard(claim)
+            if not claimants:
+                del self._bound[random]
+        if not claim.taken:
+            # A handshake that failed, or never got as far as taking: its lines are nobody's now.
             self._read_new()
-            return self._parser.take(client_random)
+            self._parser.discard(random)
+
+    # -- the memory file ------------------------------------------------------------------------------------------
 
     def _read_new(self) -> None:
+        read_any = False
         while chunk := os.pread(self._fd, _READ_CHUNK, self._offset):
             self._offset += len(chunk)
             self._parser.feed(chunk)
             if self._forward_to is not None:
                 self._forward(chunk)
+            read_any = True
+        if read_any:
+            _punch_hole(self._fd, self._offset)
 
     def _forward(self, chunk: bytes) -> None:
         try:
@@ -104,12 +228,28 @@ class KeylogCapture:
             self._forward_to = None  # the user's log went away; never fail a connection for it
 
     def _maybe_truncate(self) -> None:
-        if self._in_flight:
+        if self._live:
             return
         self._read_new()
         if os.fstat(self._fd).st_size == self._offset and self._offset:
             os.ftruncate(self._fd, 0)
             self._offset = 0
+
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        """A forked child: every capture gets its own memory file (module docstring, "fork")."""
+        cls._captures_lock = threading.Lock()
+        for context, capture in list(cls._captures.items()):
+            old_fd = capture._fd
+            capture._finalizer.detach()
+            try:
+                capture._open(context)
+            except KernelTLSUnavailable:
+                del cls._captures[context]  # the next handshake tries again, or falls back with the reason
+                context.keylog_filename = None  # type: ignore[assignment]
+            os.close(old_fd)
+
+    # -- inspection -----------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         """Connections whose secrets are held (taken ones are gone)."""
@@ -117,5 +257,21 @@ class KeylogCapture:
 
     @property
     def size(self) -> int:
-        """Bytes in the memory file now."""
+        """The memory file's length now (holes included)."""
         return os.fstat(self._fd).st_size
+
+    @property
+    def resident(self) -> int:
+        """Bytes of the memory file backed by memory now (``st_blocks``): what punched holes give back."""
+        return os.fstat(self._fd).st_blocks * 512
+
+    def contents(self) -> bytes:
+        """The memory file's bytes now, holes read as zeros (for tests: no line read may still be there)."""
+        with self._lock:
+            return os.pread(self._fd, self.size, 0)
+
+    def __repr__(self) -> str:
+        return f"<KeylogCapture: {len(self._live)} handshakes in flight, {len(self)} connections held>"
+
+
+os.register_at_fork(after_in_child=KeylogCapture._after_fork_in_child)

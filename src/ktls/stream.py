@@ -125,16 +125,23 @@ def wrap_socket(
     tells whether the kernel took it.
     """
     capture, reason = handoff.begin(context, require_kernel=require_kernel)
-    handshake = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
     keys: ConnectionKeys | None = None
     result: HandshakeResult | None = None
     if capture is None:
+        handshake = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
         _drive_handshake(sock, handshake)
     else:
-        with capture.handshake():
+        with capture.handshake() as claim:
+            handshake = Handshake(
+                context,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                session=session,
+                on_client_random=claim.bind,
+            )
             _drive_handshake(sock, handshake)
             try:
-                keys, result = handoff.derive_keys(handshake, capture, server_side=server_side)
+                keys, result = handoff.derive_keys(handshake, claim, server_side=server_side)
             except KernelTLSUnavailable as exc:
                 if require_kernel:
                     sock.close()

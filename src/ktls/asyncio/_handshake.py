@@ -123,17 +123,24 @@ async def handshake(
     """
     timeout = DEFAULT_HANDSHAKE_TIMEOUT if timeout is None else timeout
     capture, reason = handoff.begin(context, require_kernel=require_kernel)
-    hs = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
     keys: ConnectionKeys | None = None
     result: HandshakeResult | None = None
     try:
         if capture is None:
+            hs = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
             await asyncio.wait_for(_drive(loop, sock, hs), timeout)
         else:
-            with capture.handshake():
+            with capture.handshake() as claim:
+                hs = Handshake(
+                    context,
+                    server_side=server_side,
+                    server_hostname=server_hostname,
+                    session=session,
+                    on_client_random=claim.bind,
+                )
                 await asyncio.wait_for(_drive(loop, sock, hs), timeout)
                 try:
-                    keys, result = handoff.derive_keys(hs, capture, server_side=server_side)
+                    keys, result = handoff.derive_keys(hs, claim, server_side=server_side)
                 except KernelTLSUnavailable as exc:
                     if require_kernel:
                         raise

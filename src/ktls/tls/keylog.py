@@ -65,16 +65,26 @@ MAX_LINE = 512
 class Secret:
     """Key material. ``bytes(secret)`` gives the value; ``repr``/``str`` give only its length.
 
-    Equality is constant-time (:func:`hmac.compare_digest`).
+    Equality is constant-time (:func:`hmac.compare_digest`). It cannot be pickled (a pickle would carry the
+    key to wherever pickles go: caches, queues, files). :meth:`wipe` overwrites the value in place once it
+    has been used — Python cannot promise no other copy exists (``bytes(secret)`` makes one), but the one
+    this object holds does not outlive its use.
     """
 
     __slots__ = ("_value",)
 
     def __init__(self, value: bytes | bytearray | memoryview) -> None:
-        self._value = bytes(value)
+        self._value = bytearray(value)
 
     def __bytes__(self) -> bytes:
-        return self._value
+        return bytes(self._value)
+
+    def wipe(self) -> None:
+        """Overwrite the value with zeros (it reads as zeros from now on)."""
+        self._value[:] = bytes(len(self._value))
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret cannot be pickled: it would carry the key")
 
     def __len__(self) -> int:
         return len(self._value)
@@ -85,7 +95,7 @@ class Secret:
         return hmac.compare_digest(self._value, other._value)
 
     def __hash__(self) -> int:
-        return hash(self._value)
+        return hash(bytes(self._value))
 
     def __repr__(self) -> str:
         return f"<Secret: {len(self._value)} bytes>"
@@ -169,6 +179,17 @@ class ConnectionSecrets:
 
     client_random: bytes
     secrets: Mapping[KeylogLabel, Secret]
+    #: A label was logged twice under this random with different values: two handshakes shared the random,
+    #: and which line is whose cannot be told. Such secrets must never reach the kernel.
+    ambiguous: bool = False
+
+    def wipe(self) -> None:
+        """:meth:`Secret.wipe` every secret (after the keys were derived from them)."""
+        for secret in self.secrets.values():
+            secret.wipe()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("ConnectionSecrets cannot be pickled: they would carry the keys")
 
     def get(self, label: KeylogLabel) -> Secret | None:
         return self.secrets.get(label)
@@ -198,7 +219,8 @@ class ConnectionSecrets:
 
     def __repr__(self) -> str:
         labels = ", ".join(label.value for label in self.secrets)
-        return f"ConnectionSecrets(client_random={self.client_random.hex()}, labels=[{labels}])"
+        ambiguous = ", ambiguous" if self.ambiguous else ""
+        return f"ConnectionSecrets(client_random={self.client_random.hex()}, labels=[{labels}]{ambiguous})"
 
 
 class KeylogParser:
@@ -206,9 +228,18 @@ class KeylogParser:
 
     :meth:`feed` it every chunk read from the key log file, in order; :meth:`take` a connection's secrets
     by its client random. Lines cut across chunks are joined; lines longer than :data:`MAX_LINE` are
-    dropped whole. At most ``max_connections`` client randoms are kept: past that, the one least recently
-    logged is forgotten (counted in :attr:`evicted`), so connections whose secrets nobody takes (failed
-    handshakes, connections not handed to the kernel) cannot make it grow without bound.
+    dropped whole.
+
+    **No "latest wins".** A label logged a second time under one client random with a *different* value
+    means two handshakes shared the random (a client that always sends the same one, or someone copying a
+    victim's ClientHello): the first value is kept, and the entry is marked ``ambiguous`` for whoever takes
+    it. The same value logged again (one line read twice) changes nothing.
+
+    **Bounded.** At most ``max_connections`` client randoms are kept: past that, the one least recently
+    logged is forgotten (counted in :attr:`evicted`). Connections whose secrets nobody takes (lines of a
+    connection ktls does not drive, on a context it shares) would otherwise accumulate; 4096 is far above
+    the handshakes one context has in flight at once (each ktls handshake takes or discards its own
+    entry when it ends), and at ~0.5 KiB an entry bounds the parser near 2 MiB.
     """
 
     def __init__(self, *, max_connections: int = 4096) -> None:
@@ -219,6 +250,7 @@ class KeylogParser:
         self._partial = bytearray()  # start of a line whose end has not been fed yet
         self._discarding = False  # inside a line already longer than MAX_LINE: drop up to its newline
         self._index: collections.OrderedDict[bytes, dict[KeylogLabel, Secret]] = collections.OrderedDict()
+        self._ambiguous: set[bytes] = set()  # randoms under which a label was logged with two values
         #: Connections forgotten because ``max_connections`` were already kept.
         self.evicted = 0
 
@@ -249,13 +281,17 @@ class KeylogParser:
         secrets = self._index.get(entry.client_random)
         if secrets is None:
             if len(self._index) >= self._max_connections:
-                self._index.popitem(last=False)
+                evicted, _ = self._index.popitem(last=False)
+                self._ambiguous.discard(evicted)
                 self.evicted += 1
             secrets = self._index[entry.client_random] = {}
         else:
             self._index.move_to_end(entry.client_random)
-        # A repeated label (a context that logs to a file another context also logs to) replaces the old one.
-        secrets[entry.label] = entry.secret
+        known = secrets.get(entry.label)
+        if known is None:
+            secrets[entry.label] = entry.secret
+        elif known != entry.secret:
+            self._ambiguous.add(entry.client_random)  # class docstring: no "latest wins"
 
     def take(self, client_random: bytes, *, require: Iterable[KeylogLabel] = ()) -> ConnectionSecrets | None:
         """Remove and return the secrets logged for ``client_random``.
@@ -269,7 +305,17 @@ class KeylogParser:
             if secrets is None or any(label not in secrets for label in require):
                 return None
             del self._index[client_random]
-        return ConnectionSecrets(client_random, MappingProxyType(secrets))
+            ambiguous = client_random in self._ambiguous
+            self._ambiguous.discard(client_random)
+        return ConnectionSecrets(client_random, MappingProxyType(secrets), ambiguous)
+
+    def discard(self, client_random: bytes) -> None:
+        """Forget what was logged under ``client_random`` (a handshake that ended without taking it)."""
+        with self._lock:
+            secrets = self._index.pop(client_random, None)
+            self._ambiguous.discard(client_random)
+        for secret in (secrets or {}).values():
+            secret.wipe()
 
     def __contains__(self, client_random: object) -> bool:
         with self._lock:
