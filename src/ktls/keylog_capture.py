@@ -251,6 +251,11 @@ class KeylogCapture:
 
     # -- inspection -----------------------------------------------------------------------------------------------
 
+    @property
+    def in_flight(self) -> int:
+        """ktls handshakes of this context in flight now (live claims)."""
+        return len(self._live)
+
     def __len__(self) -> int:
         """Connections whose secrets are held (taken ones are gone)."""
         return len(self._parser)
