@@ -31,6 +31,9 @@ class DeferredStep:
     send_key_update: bool = False
     #: The peer's close_notify: the read side is at its end (the receive key never reaches the kernel).
     closed: bool = False
+    #: With ``hand_off``: the receive key did not open the server's records, so it must not reach the kernel
+    #: (``handoff.install_rx(..., unproven=...)`` keeps receiving in user space and says why).
+    unproven: str | None = None
 
 
 def deferred_record(handshake: Handshake, deferred: DeferredReceive, record: bytes) -> DeferredStep:
@@ -38,16 +41,18 @@ def deferred_record(handshake: Handshake, deferred: DeferredReceive, record: byt
 
     ``ssl.SSLError`` from OpenSSL (a fatal alert, a bad record) propagates.
     """
-    deferred.record_read()
+    opened = deferred.open(record)
     sslobj = handshake.ssl_object
     try:
         plaintext = sslobj.read(MAX_PLAINTEXT)
     except ssl.SSLWantReadError:
         # A ticket or a KeyUpdate. OpenSSL's answer to a KeyUpdate is under a send key the kernel owns now:
         # it is never sent (the kernel sends ours when asked).
-        answered = bool(handshake.outgoing.pending)
         handshake.outgoing.read()
-        return DeferredStep(send_key_update=deferred.control_record(len(record) - 5, answered))
+        if deferred.unproven is not None:
+            # Stop deferring: OpenSSL keeps receiving, the unproven key never reaches the kernel.
+            return DeferredStep(hand_off=True, unproven=deferred.unproven)
+        return DeferredStep(send_key_update=opened.update_requested)
     except ssl.SSLZeroReturnError:
         return DeferredStep(closed=True)
     if not plaintext:  # SSLObject.read returns b"" on a close_notify it has only received
@@ -55,4 +60,4 @@ def deferred_record(handshake: Handshake, deferred: DeferredReceive, record: byt
     parts = [plaintext]
     while pending := sslobj.pending():
         parts.append(sslobj.read(pending))
-    return DeferredStep(plaintext=b"".join(parts), hand_off=True)
+    return DeferredStep(plaintext=b"".join(parts), hand_off=True, unproven=deferred.unproven)

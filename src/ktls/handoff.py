@@ -24,7 +24,7 @@ import logging
 import socket
 import ssl
 
-from .constants import TLSVersion
+from .constants import ContentType, HandshakeType, TLSVersion
 from .control import ControlRecords, Role
 from .errors import KernelTLSConfigError, KernelTLSUnavailable
 from .handshake import Handshake, HandshakeResult
@@ -33,13 +33,17 @@ from .kernel.probe import KernelSupport, probe
 from .kernel.uapi import CipherType, Direction
 from .keylog_capture import KeylogCapture, SecretClaim
 from .keys import ConnectionKeys
+from .tls.aead import AuthenticationFailed
+from .tls.errors import TLSProtocolError
 from .tls.keylog import ConnectionSecrets
-from .tls.proof import SecretsNotProven, prove_secrets
+from .tls.proof import SecretsNotProven, open_record, prove_secrets
+from .tls.records import parse_handshake_messages
 from .tls.suites import suite_by_openssl_name
 
 __all__ = [
     "RECORD_LIMITS",
     "DeferredReceive",
+    "DeferredRecord",
     "Installed",
     "begin",
     "derive_keys",
@@ -58,11 +62,6 @@ RECORD_LIMITS: dict[CipherType, int] = {
     CipherType.SM4_GCM: 2**24,
     CipherType.SM4_CCM: 2**23,
 }
-
-#: A TLS 1.3 record that carries no application data and whose ciphertext is shorter than this is a
-#: KeyUpdate: 4+1 bytes of message + content type + 16-byte tag = 22; the smallest NewSessionTicket is
-#: 4+4+4+1+2+1+2 = 18 bytes + 17 = 35 (RFC 8446 §4.6.1); alerts OpenSSL reports as alerts.
-KEY_UPDATE_MAX_CIPHERTEXT = 35
 
 _log = logging.getLogger("ktls")
 
@@ -184,8 +183,11 @@ def install(
     return installed
 
 
-def install_rx(sock: socket.socket, keys: ConnectionKeys, rx_seq: int, installed: Installed) -> None:
-    """Give the kernel the receive key at ``rx_seq``; if it refuses, receiving stays with OpenSSL.
+def install_rx(
+    sock: socket.socket, keys: ConnectionKeys, rx_seq: int, installed: Installed, *, unproven: str | None = None
+) -> None:
+    """Give the kernel the receive key at ``rx_seq``; if it refuses, or the key is ``unproven`` (the reason:
+    :attr:`DeferredReceive.unproven`), receiving stays with OpenSSL.
 
     TLS 1.3 with ``installed.expect_no_pad``: ``TLS_RX_EXPECT_NO_PAD`` (Linux ≥ 6.0) lets the kernel decrypt
     straight into the reader's buffer, betting that the peer does not pad its records. A padded record (or a
@@ -194,6 +196,9 @@ def install_rx(sock: socket.socket, keys: ConnectionKeys, rx_seq: int, installed
     which is why it is not the default. A kernel without it simply does not get it.
     """
     installed.rx_deferred = False
+    if unproven is not None:
+        installed.fallback_reason = f"receive stays in user space: {unproven}"
+        return
     try:
         syscalls.set_crypto_info(sock, Direction.RX, keys.crypto_info(Direction.RX, rx_seq))
     except (KernelTLSUnavailable, KernelTLSConfigError) as exc:
@@ -225,22 +230,54 @@ class DeferredReceive:
     OpenSSL reads these records (one at a time: the I/O layer feeds ``Handshake.receive``) so that the
     server's NewSessionTickets reach it; this class counts them, so the kernel starts at the right sequence
     number, and follows a KeyUpdate in that window: OpenSSL moved to the next receive key, so we do too.
+
+    Each record is also opened here with the receive key from the key log (:meth:`open`), which does two jobs:
+    it proves that key is this connection's before the kernel gets it (:mod:`ktls.tls.proof`: a client's
+    receive secret cannot be checked earlier), and it tells a KeyUpdate by what the record *says* — not by
+    its size, which padding, a ticket in the same record, or an alert of the same length would fool.
     """
 
     def __init__(self, keys: ConnectionKeys) -> None:
         self._keys = keys
         #: Sequence number of the next record in the current receive generation.
         self.rx_seq = 0
+        #: Why the receive key must not reach the kernel (it did not open a record OpenSSL accepted).
+        self.unproven: str | None = None
 
-    def record_read(self) -> None:
+    def open(self, record: bytes) -> DeferredRecord:
+        """What ``record`` (the next one, header included) holds, opened with our receive key, and the
+        sequence number advanced — past a KeyUpdate, to the next generation's first record."""
+        seq = self.rx_seq
         self.rx_seq += 1
+        if self.unproven is not None:
+            return DeferredRecord(None)
+        try:
+            content_type, plaintext = open_record(self._keys.suite, self._keys.traffic_keys(Direction.RX), seq, record)
+        except (AuthenticationFailed, ValueError) as exc:
+            self.unproven = f"the key log's receive secret does not open the server's records ({exc})"
+            _log.warning("ktls: receive key not handed to the kernel: %s", self.unproven)
+            return DeferredRecord(None)
+        if content_type != ContentType.HANDSHAKE:
+            return DeferredRecord(content_type)
+        try:
+            messages, _ = parse_handshake_messages(plaintext)
+        except TLSProtocolError:
+            return DeferredRecord(content_type)  # OpenSSL judges it (and fails the connection)
+        key_update = next((m for m in messages if m.handshake_type is HandshakeType.KEY_UPDATE), None)
+        if key_update is None or not self._keys.can_update:
+            return DeferredRecord(content_type)
+        # RFC 8446 §7.2: from the next record on, the peer sends under its next traffic secret.
+        self._keys.next_key(Direction.RX)
+        self.rx_seq = 0
+        return DeferredRecord(content_type, key_update=True, update_requested=key_update.body == b"\x01")
 
-    def control_record(self, ciphertext_length: int, openssl_answered: bool) -> bool:
-        """OpenSSL consumed a record without application data. Returns ``True`` when the peer asked for our
-        KeyUpdate, which the caller must send through the kernel (OpenSSL's answer, ``openssl_answered``,
-        is under a send key the kernel now owns and must be discarded)."""
-        if ciphertext_length < KEY_UPDATE_MAX_CIPHERTEXT and self._keys.can_update:
-            self._keys.next_key(Direction.RX)
-            self.rx_seq = 0
-            return openssl_answered
-        return False
+
+@dataclasses.dataclass(frozen=True)
+class DeferredRecord:
+    """One record of the deferred window as :meth:`DeferredReceive.open` read it."""
+
+    #: The inner content type; ``None`` when the record could not be opened (``DeferredReceive.unproven``).
+    content_type: ContentType | int | None
+    key_update: bool = False
+    #: RFC 8446 §4.6.3 ``update_requested``: we must send a KeyUpdate of our own.
+    update_requested: bool = False

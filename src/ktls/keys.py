@@ -65,13 +65,14 @@ class ConnectionKeys:
         tx_keys, rx_keys = block.tx_rx(server_side=server_side)
         return cls(suite, tx=tx_keys, rx=rx_keys)
 
-    def _keys(self, direction: Direction) -> TrafficKeys:
+    def traffic_keys(self, direction: Direction) -> TrafficKeys:
+        """``direction``'s key and IV at the current generation."""
         secret = self._secrets[direction]
         return traffic_key_and_iv(secret, self.suite) if isinstance(secret, bytes) else secret
 
     def crypto_info(self, direction: Direction, rec_seq: int, explicit_nonce: int | None = None) -> CryptoInfo:
         """The kernel's crypto info for ``direction`` at the current generation."""
-        return crypto_info(self.suite, self._keys(direction), rec_seq, explicit_nonce=explicit_nonce)
+        return crypto_info(self.suite, self.traffic_keys(direction), rec_seq, explicit_nonce=explicit_nonce)
 
     def next_key(self, direction: Direction) -> CryptoInfo:
         """Advance ``direction`` to its next traffic secret (KeyUpdate) and return its crypto info at seq 0."""
@@ -81,6 +82,9 @@ class ConnectionKeys:
         self._secrets[direction] = next_traffic_secret(secret, self.suite)
         self.generation[direction] += 1
         return self.crypto_info(direction, 0)
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError("ConnectionKeys cannot be pickled: they would carry the keys")
 
     def __repr__(self) -> str:
         generations = ", ".join(f"{d.name.lower()}={g}" for d, g in self.generation.items())

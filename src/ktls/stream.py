@@ -311,9 +311,9 @@ class Stream:
             raise KernelTLSUnavailable(None, "this stream was built from keys: it has no userspace TLS")
         return self._handshake
 
-    def _hand_off_rx(self, rx_seq: int) -> None:
+    def _hand_off_rx(self, rx_seq: int, *, unproven: str | None = None) -> None:
         assert self._keys is not None
-        handoff.install_rx(self._sock, self._keys, rx_seq, self._installed)
+        handoff.install_rx(self._sock, self._keys, rx_seq, self._installed, unproven=unproven)
         self._deferred = None
         self.kernel_rx = self._installed.kernel_rx
         self.fallback_reason = self._installed.fallback_reason
@@ -527,8 +527,8 @@ class Stream:
             return None
         # The first application record: everything after it is the kernel's.
         self._plaintext += step.plaintext[bufsize:]
-        self._hand_off_rx(deferred.rx_seq)
-        return step.plaintext[:bufsize]
+        self._hand_off_rx(deferred.rx_seq, unproven=step.unproven)
+        return step.plaintext[:bufsize] if step.plaintext else None
 
     # -- sending -----------------------------------------------------------------------------------------------------
 

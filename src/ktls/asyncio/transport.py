@@ -429,7 +429,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
             if step.hand_off:
                 assert self._keys is not None
                 assert self._installed is not None
-                handoff.install_rx(self._sock, self._keys, deferred.rx_seq, self._installed)
+                handoff.install_rx(self._sock, self._keys, deferred.rx_seq, self._installed, unproven=step.unproven)
                 self._deferred = None
                 self.kernel_rx = self._installed.kernel_rx
                 self.fallback_reason = self._installed.fallback_reason
