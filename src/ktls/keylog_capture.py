@@ -84,10 +84,16 @@ class SecretClaim:
 
     def __init__(self, capture: KeylogCapture) -> None:
         self._capture = capture
-        self.client_random: bytes | None = None
+        #: Every client random the handshake announced (a second one is a refusal).
+        self.randoms: list[bytes] = []
         #: Why the claim cannot be honoured (``None``: nothing against it so far).
         self.refusal: str | None = None
+        #: The secrets were taken, proven unambiguous, by this claim.
         self.taken = False
+
+    @property
+    def client_random(self) -> bytes | None:
+        return self.randoms[0] if self.randoms else None
 
     def bind(self, client_random: bytes) -> None:
         self._capture._bind(self, client_random)
@@ -161,12 +167,12 @@ class KeylogCapture:
 
     def _bind(self, claim: SecretClaim, client_random: bytes) -> None:
         with self._lock:
-            if claim.client_random is not None:
-                if claim.client_random != client_random:
-                    # RFC 8446 §4.1.2: the ClientHello after a HelloRetryRequest repeats the random.
-                    claim.refusal = "the client changed its random after a HelloRetryRequest (RFC 8446 §4.1.2)"
+            if client_random in claim.randoms:
                 return
-            claim.client_random = client_random
+            if claim.randoms:
+                # RFC 8446 §4.1.2: the ClientHello after a HelloRetryRequest repeats the random.
+                claim.refusal = "the client changed its random after a HelloRetryRequest (RFC 8446 §4.1.2)"
+            claim.randoms.append(client_random)
             claimants = self._bound.setdefault(client_random, set())
             claimants.add(claim)
             if len(claimants) > 1:
@@ -177,34 +183,35 @@ class KeylogCapture:
         with self._lock:
             if claim.client_random is None:
                 raise KernelTLSUnavailable(None, "the handshake's client random was never seen")
-            if claim.refusal is None:
-                self._read_new()
+            self._read_new()
+            if claim.refusal is not None:
+                self._forget(claim)
+                raise KernelTLSUnavailable(None, claim.refusal)
             secrets = self._parser.take(claim.client_random)
-            claim.taken = True
-        if claim.refusal is not None:
-            if secrets is not None:
+            if secrets is None:
+                raise KernelTLSUnavailable(None, "the key log has no secrets for this connection")
+            if secrets.ambiguous:
                 secrets.wipe()
-            raise KernelTLSUnavailable(None, claim.refusal)
-        if secrets is None:
-            raise KernelTLSUnavailable(None, "the key log has no secrets for this connection")
-        if secrets.ambiguous:
-            secrets.wipe()
-            raise KernelTLSUnavailable(None, "two handshakes logged different secrets under this client random")
-        return secrets
+                raise KernelTLSUnavailable(None, "two handshakes logged different secrets under this client random")
+            claim.taken = True
+            return secrets
 
     def _end(self, claim: SecretClaim) -> None:
         self._live.discard(claim)
-        random = claim.client_random
-        if random is None:
-            return
-        claimants = self._bound.get(random)
-        if claimants is not None:
-            claimants.discard(claim)
-            if not claimants:
-                del self._bound[random]
-        if not claim.taken:
-            # A handshake that failed, or never got as far as taking: its lines are nobody's now.
+        for random in claim.randoms:
+            claimants = self._bound.get(random)
+            if claimants is not None:
+                claimants.discard(claim)
+                if not claimants:
+                    del self._bound[random]
+        if not claim.taken and claim.randoms:
+            # A handshake that failed, was refused, or never got as far as taking: its lines are nobody's.
             self._read_new()
+            self._forget(claim)
+
+    def _forget(self, claim: SecretClaim) -> None:
+        """Drop (and wipe) whatever was logged under the claim's randoms."""
+        for random in claim.randoms:
             self._parser.discard(random)
 
     # -- the memory file ------------------------------------------------------------------------------------------

@@ -96,11 +96,15 @@ _RECORD_BUFFER = MAX_PLAINTEXT + 256
 #: fatal alert.
 _CLOSE_TIMEOUT = 2.0
 _DRAIN_TIMEOUT = 0.5
+#: How long close() waits for the peer to acknowledge our last bytes while discarding what it sends.
 _LINGER = 1.0
+#: Fallback (userspace TLS): how long close() keeps sending records ``send`` already accepted, when the
+#: stream has no timeout of its own (asyncio's ``ssl_shutdown_timeout`` default). Past it, close() raises.
+_CLOSE_FLUSH_TIMEOUT = 30.0
 #: Bytes per ``os.sendfile`` call: big enough to amortise the call, small enough to count records for rekeying.
 _SENDFILE_CHUNK = 1 << 24
-#: ``ioctl``: bytes in a TCP socket's send queue not sent yet (``include/uapi/linux/sockios.h``).
-_SIOCOUTQNSD = 0x894B
+#: ``ioctl`` (``include/uapi/asm-generic/ioctls.h``).
+_SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in a TCP socket's send queue not yet acknowledged by the peer
 
 
 def wrap_socket(
@@ -197,10 +201,10 @@ def _drive_handshake(sock: socket.socket, handshake: Handshake) -> None:
         raise
 
 
-def _unsent(sock: socket.socket) -> int:
-    """Bytes queued on ``sock`` that TCP has not sent yet (``SIOCOUTQNSD``); 0 when it cannot be told."""
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes queued on ``sock`` that the peer has not acknowledged yet (``SIOCOUTQ``); 0 when it cannot be told."""
     try:
-        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, bytes(4)), sys.byteorder)
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(4)), sys.byteorder)
     except OSError:
         return 0
 
@@ -739,12 +743,14 @@ class Stream:
         if self.kernel_tx:
             self._run([a for a in actions if not isinstance(a, WriteClosed)])
             return
+        self._flush_before_close()  # what send() accepted goes first, and is never dropped silently
         try:
             self._ssl().unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
             pass
         self._userspace_unsent += self._handshake_state().outgoing.read()
-        self._flush_userspace()
+        with contextlib.suppress(TimeoutError):
+            self._flush_before_close()  # only our close_notify is left: the peer sees a ragged EOF
 
     def close(self) -> None:
         """Send close_notify (unless the connection failed), then release the descriptor — always."""
@@ -755,32 +761,67 @@ class Stream:
             self._real_close()
 
     def _real_close(self) -> None:
+        """close_notify, linger, release the descriptor. Raises (after releasing it) only when records that
+        ``send`` accepted in userspace TLS could not be delivered within the bound (:meth:`_flush_before_close`)."""
+        undelivered: TimeoutError | None = None
         try:
             if self._control.error is None and not self._control.write_closed:
                 self._close_notify()
-            self._linger()
+            elif self._userspace_unsent and self._control.error is None:
+                self._flush_before_close()
+        except TimeoutError as exc:
+            undelivered = exc
+        except OSError:
+            pass
+        try:
+            self._linger()  # also when the close_notify could not be sent: a reset must not follow our data
         except OSError:
             pass
         finally:
             self._sock.close()
+        if undelivered is not None:
+            raise undelivered
+
+    def _flush_before_close(self) -> None:
+        """Userspace TLS: send the ciphertext still in our buffer — records ``send`` already reported as sent
+        on a non-blocking or timed-out stream — waiting for the peer to read, up to the stream's timeout (or
+        ``_CLOSE_FLUSH_TIMEOUT``). ``TimeoutError`` saying how much was not delivered, past it."""
+        if not self._userspace_unsent:
+            return
+        bound = self._timeout if self._timeout else _CLOSE_FLUSH_TIMEOUT
+        deadline = time.monotonic() + bound
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        while self._userspace_unsent:
+            try:
+                del self._userspace_unsent[: self._sock.send(self._userspace_unsent, socket.MSG_DONTWAIT)]
+                continue
+            except (BlockingIOError, InterruptedError):
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                lost = len(self._userspace_unsent)
+                self._userspace_unsent.clear()
+                message = f"close(): {lost} bytes of records already accepted by send() were not delivered"
+                raise TimeoutError(errno.ETIMEDOUT, f"{message}: the peer read nothing for {bound:g} s")
+            poller.poll(remaining * 1000)
 
     def _linger(self) -> None:
-        """Before the descriptor goes: discard what has arrived, and while our last bytes are not even sent
-        yet (the peer's window is full) keep discarding until they are, or the peer's FIN comes (at most
-        ``_LINGER`` seconds).
+        """Before the descriptor goes: discard what has arrived, and while the peer has not acknowledged all
+        our bytes keep discarding until it has, or its FIN comes (at most ``_LINGER`` seconds).
 
-        Closing a socket with unread data makes the kernel send a reset and throw away what it has not sent —
-        our last records and our close_notify. Data arriving after the close does the same while anything of
-        ours is still queued. The usual culprit is a TLS 1.3 server's NewSessionTickets, which it writes only
-        once it has read our Finished, so they can land just as we close. Bytes already sent are at the peer
-        (a reset does not take back what its kernel received), so a close never waits for a peer that merely
-        keeps its side open: only for one that has stopped reading.
+        Closing a socket with unread data makes the kernel send a reset and throw away its send queue — our
+        last records and our close_notify, including bytes sent but not yet acknowledged, which a lost
+        segment would need again. Data arriving after the close does the same while anything of ours is
+        still queued. The usual culprit is a TLS 1.3 server's NewSessionTickets, which it writes only once it
+        has read our Finished, so they can land just as we close. Once the peer has acknowledged everything,
+        nothing of ours is at risk, so a close never waits for a peer that merely keeps its side open.
         """
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + _LINGER
         poller: select.poll | None = None
-        while self._discard_arrived() and _unsent(self._sock):
+        while self._discard_arrived() and _unacknowledged(self._sock):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
