@@ -232,3 +232,39 @@ def test_key_update_flood_is_refused() -> None:
     for _ in range(MAX_KEY_UPDATES_WITHOUT_DATA):
         state.receive_record(ContentType.HANDSHAKE, key_update_message(True))
     fatal(state.receive_record(ContentType.HANDSHAKE, key_update_message(False)), AlertDescription.unexpected_message)
+
+
+def test_tls12_warning_alert_flood_is_refused_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """RFC 5246 sets no bound on warning alerts; OpenSSL refuses the sixth in a row without data
+    (``MAX_WARN_ALERT_COUNT``), and so do we. Only the first one of a connection is logged at WARNING."""
+    from ktls.control import MAX_WARNING_ALERTS_WITHOUT_DATA
+
+    state = machine(TLS12)
+    warning = bytes([AlertLevel.WARNING, AlertDescription.no_renegotiation])
+    with caplog.at_level("DEBUG", logger="ktls"):
+        for _ in range(MAX_WARNING_ALERTS_WITHOUT_DATA):
+            assert state.receive_record(ContentType.ALERT, warning) == []
+        state.application_data_received()
+        for _ in range(MAX_WARNING_ALERTS_WITHOUT_DATA):
+            assert state.receive_record(ContentType.ALERT, warning) == []
+        fatal(state.receive_record(ContentType.ALERT, warning), AlertDescription.unexpected_message)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "warning alert" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_send_key_exhausted_without_rekey_closes_the_write_side(version: TLSVersion) -> None:
+    """RFC 8446 §5.5: a key at its usage limit that cannot be replaced means the connection stops sending."""
+    state = machine(version, rekey=False)
+    actions = state.send_key_exhausted(2**24)
+    assert actions == [SendAlert(AlertLevel.WARNING, AlertDescription.close_notify), WriteClosed()]
+    with pytest.raises(StreamClosed, match=r"usage limit \(16777216 records"):
+        state.check_writable()
+    assert state.send_key_exhausted(2**24) == []  # once
+
+
+def test_send_key_exhausted_with_rekey_updates_the_key() -> None:
+    actions = machine(TLS13, rekey=True).send_key_exhausted(2**24)
+    assert actions[0] == SendHandshake(key_update_message(False))
+    assert isinstance(actions[1], InstallKey)
+    assert actions[1].direction is Direction.TX

@@ -366,12 +366,60 @@ def test_automatic_key_update(support: KernelSupport, rsa_cert: CertFiles, liste
     server.join()
     assert sha256(stdout) == sha256(b"".join(chunks) + bulk), stdout[-2000:]
     assert sha256(received) == sha256(upload)
+    assert limits == [2**24]  # AES-GCM's RFC 8446 §5.5 limit, with margin (counted with or without rekey)
     if not support.rekey:
-        assert limits == [None]  # nothing to act on: this kernel cannot replace a key
-        return
-    assert limits == [2**24]  # AES-GCM's RFC 8446 §5.5 limit, with margin
+        return  # the limit was left alone: the without-rekey case is test_key_limit_without_rekey_closes
     # 400 small records and 64 full ones: an update every 50 (the count is an upper bound per send).
     assert stat("TlsTxRekeyOk") - before >= 8
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13], ids=["tls1.2", "tls1.3"])
+def test_key_limit_without_rekey_closes(
+    support: KernelSupport, rsa_cert: CertFiles, tcp_pair: tuple[socket.socket, socket.socket], version: ssl.TLSVersion
+) -> None:
+    """Where the send key cannot be replaced (TLS 1.2; TLS 1.3 before Linux 6.14), reaching its usage limit
+    closes the write side cleanly: a stock ``ssl`` peer gets every byte sent before, then close_notify; the
+    next send raises ``StreamClosed`` saying why (RFC 8446 §5.5). Before, such a stream sent on unbounded."""
+    if version is TLS13 and support.rekey:
+        pytest.skip("this kernel replaces a TLS 1.3 send key at its limit (test_automatic_key_update)")
+    ours, theirs = tcp_pair
+    server_ctx = server_context(rsa_cert, version, "ECDHE-RSA-AES128-GCM-SHA256" if version is TLS12 else None)
+    client_ctx = ssl.create_default_context(cafile=str(rsa_cert.cert))
+    received = bytearray()
+    peer_end: list[str] = []
+
+    def peer() -> None:
+        with client_ctx.wrap_socket(theirs, server_hostname="localhost") as tls:
+            try:
+                while data := tls.recv(65536):
+                    received.extend(data)
+                peer_end.append("close_notify")
+            except ssl.SSLError as exc:
+                peer_end.append(f"error: {exc}")
+
+    background = Background()
+    background.start(peer)
+    stream = ktls.wrap_socket(ours, server_ctx, server_side=True)
+    assert stream.kernel_tx
+    assert stream.record_limit == 2**24
+    stream.record_limit = 50
+    sent = bytearray()
+    refusal: StreamClosed | None = None
+    for _ in range(200):
+        chunk = os.urandom(1000)  # one record each
+        try:
+            stream.sendall(chunk)
+        except StreamClosed as exc:
+            refusal = exc
+            break
+        sent += chunk
+    assert refusal is not None
+    assert "usage limit" in str(refusal)
+    assert 40 * 1000 <= len(sent) <= 50 * 1000
+    stream.close()
+    background.join()
+    assert peer_end == ["close_notify"]
+    assert received == sent
 
 
 # -- renegotiation ----------------------------------------------------------------------------------------

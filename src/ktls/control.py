@@ -68,6 +68,10 @@ log = logging.getLogger("ktls")
 #: when requested, a KeyUpdate of ours: a peer sending nothing else is flooding us (RFC 8446 sets no limit;
 #: this mirrors the caps TLS stacks apply to post-handshake messages).
 MAX_KEY_UPDATES_WITHOUT_DATA = 32
+#: TLS 1.2 warning alerts accepted in a row with no application data between them; the next is fatal
+#: (unexpected_message). RFC 5246 sets no limit; OpenSSL's record layer stops at the same count
+#: (``MAX_WARN_ALERT_COUNT`` = 5, "too many warn alerts"): a peer sending nothing else is flooding us.
+MAX_WARNING_ALERTS_WITHOUT_DATA = 5
 #: Largest post-handshake message we buffer across records. NewSessionTicket is the only large one: its
 #: ticket is at most 2^16-1 bytes plus a few fields (RFC 8446 §4.6.1).
 MAX_HANDSHAKE_MESSAGE = 2**16 + 1024
@@ -149,7 +153,13 @@ class ControlRecords:
         #: Counters, for tests and ``ktls stat``.
         self.key_updates_received = 0
         self.key_updates_since_data = 0
+        self.warning_alerts_since_data = 0
+        #: KeyUpdates and warning alerts since the last application data (the front ends' cheap check).
+        self.control_since_data = 0
+        self.warning_alerts_received = 0
         self.tickets_received = 0
+        #: Why the write side closed, when it was not the application's doing (``check_writable`` says it).
+        self.write_closed_reason: str | None = None
 
     # -- receiving ---------------------------------------------------------------------------------------------
 
@@ -195,8 +205,22 @@ class ControlRecords:
             # RFC 8446 §6: "all alerts besides close_notify and user_canceled are fatal, whatever the level".
             return self._received_fatal(description)
         if level == AlertLevel.WARNING:
-            # RFC 5246 §7.2.2: after a warning "generally the connection can continue normally".
-            log.warning("peer sent a TLS warning alert: %s", _alert_name(description))
+            # RFC 5246 §7.2.2: after a warning "generally the connection can continue normally" — within a
+            # bound (MAX_WARNING_ALERTS_WITHOUT_DATA), and logged at WARNING once per connection, not per alert.
+            self.warning_alerts_received += 1
+            self.warning_alerts_since_data += 1
+            self.control_since_data += 1
+            if self.warning_alerts_since_data > MAX_WARNING_ALERTS_WITHOUT_DATA:
+                return self._abort(
+                    AlertDescription.unexpected_message,
+                    f"more than {MAX_WARNING_ALERTS_WITHOUT_DATA} warning alerts without application data",
+                )
+            first = self.warning_alerts_received == 1
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "peer sent a TLS warning alert: %s",
+                _alert_name(description),
+            )
             return []
         if level == AlertLevel.FATAL:
             return self._received_fatal(description)
@@ -276,6 +300,7 @@ class ControlRecords:
             return [SendAlert(AlertLevel.FATAL, AlertDescription.internal_error), Fail(self.error)]
         self.key_updates_received += 1
         self.key_updates_since_data += 1
+        self.control_since_data += 1
         if self.key_updates_since_data > MAX_KEY_UPDATES_WITHOUT_DATA:
             return self._abort(
                 AlertDescription.unexpected_message,
@@ -288,8 +313,8 @@ class ControlRecords:
         return actions
 
     def application_data_received(self) -> None:
-        """Application data arrived: KeyUpdates before it were not a flood."""
-        self.key_updates_since_data = 0
+        """Application data arrived: KeyUpdates and warning alerts before it were not a flood."""
+        self.key_updates_since_data = self.warning_alerts_since_data = self.control_since_data = 0
 
     # -- sending -------------------------------------------------------------------------------------------------
 
@@ -307,6 +332,21 @@ class ControlRecords:
             SendHandshake(key_update_message(request_peer_update)),
             InstallKey(Direction.TX, self._next_key(Direction.TX)),
         ]
+
+    def send_key_exhausted(self, records: int) -> list[Action]:
+        """The send key has protected as many records as its AEAD may (RFC 8446 §5.5; the front end counts,
+        :class:`~ktls.sendbudget.SendBudget`). TLS 1.3 where the kernel can rekey: a KeyUpdate. Otherwise not
+        one more record may go out under this key, and there is no other: close_notify, and every later write
+        is refused with the reason (RFC 8446 §5.5: "the connection MUST be closed" if it cannot rekey)."""
+        if self.version is TLSVersion.TLS1_3 and self._next_key is not None and not self.write_closed:
+            return self.key_update(request_peer_update=False)
+        actions = self.close_write()
+        if actions:
+            self.write_closed_reason = (
+                f"the send key reached its usage limit ({records} records, RFC 8446 §5.5) and this connection "
+                "cannot replace it (TLS 1.2, or a kernel before Linux 6.14): the write side is closed"
+            )
+        return actions
 
     def close_write(self) -> list[Action]:
         """Our close_notify (RFC 8446 §6.1), once; nothing when the write side is already closed."""
@@ -333,7 +373,7 @@ class ControlRecords:
         if self.error is not None:
             raise StreamClosed(f"the TLS connection failed: {self.error}") from self.error
         if self.write_closed:
-            raise StreamClosed()
+            raise StreamClosed(self.write_closed_reason) if self.write_closed_reason else StreamClosed()
 
 
 def _alert_name(description: int) -> str:

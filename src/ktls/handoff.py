@@ -52,8 +52,9 @@ __all__ = [
     "proven_secrets",
 ]
 
-#: RFC 8446 §5.5 key-usage limits in records, per kernel AEAD; the send key is updated on reaching them
-#: (with margin: AES-GCM's limit is 2^24.5 full-size records, AES-CCM's 2^23.5 per RFC 9147 §4.5.3).
+#: RFC 8446 §5.5 key-usage limits in records, per kernel AEAD; on reaching them the send key is updated, or
+#: where it cannot be, the write side is closed (with margin: AES-GCM's limit is 2^24.5 full-size records,
+#: AES-CCM's 2^23.5 per RFC 9147 §4.5.3). The same AEAD bounds hold for TLS 1.2's GCM and CCM records.
 #: ChaCha20-Poly1305's limit lies beyond any 64-bit sequence number in practice.
 RECORD_LIMITS: dict[CipherType, int] = {
     CipherType.AES_GCM_128: 2**24,
@@ -140,7 +141,8 @@ class Installed:
     #: TLS 1.3 client: receive stays with OpenSSL until the first application record (:class:`DeferredReceive`).
     rx_deferred: bool = False
     fallback_reason: str | None = None
-    #: Records the send key may protect before a KeyUpdate; ``None``: no limit we must act on, or no rekey.
+    #: Records the send key may protect before a KeyUpdate (or, without rekey, before the write side closes);
+    #: ``None``: no limit we must act on (ChaCha20-Poly1305).
     record_limit: int | None = None
     #: TLS 1.3: asked for ``TLS_RX_EXPECT_NO_PAD`` (see :func:`install_rx`).
     expect_no_pad: bool = False
@@ -174,7 +176,9 @@ def install(
         return installed
     installed.kernel_tx = True
     cipher = keys.suite.kernel_cipher
-    if result.version is TLSVersion.TLS1_3 and cipher is not None and rekey:
+    if cipher is not None:
+        # Counted whether or not the key can be replaced: where it cannot (TLS 1.2, Linux < 6.14), reaching
+        # the limit closes the write side instead (ControlRecords.send_key_exhausted).
         installed.record_limit = RECORD_LIMITS.get(cipher.cipher_type)
     if result.version is TLSVersion.TLS1_3 and role is Role.CLIENT:
         installed.rx_deferred = True

@@ -36,7 +36,8 @@ Edge cases, each handled where named:
   syscall on every read that has to wait (request/response traffic, measured: half the round trips).
   Non-blocking streams are plain ``O_NONBLOCK``.
 * **Key-usage limits** (RFC 8446 §5.5): a TLS 1.3 stream updates its send key before the AEAD's limit on
-  kernels that can rekey (:attr:`Stream.record_limit`).
+  kernels that can rekey; elsewhere (TLS 1.2, Linux < 6.14) it closes its write side cleanly at the limit
+  (close_notify; later writes raise ``StreamClosed`` with the reason) (:attr:`Stream.record_limit`).
 """
 
 from __future__ import annotations
@@ -434,7 +435,7 @@ class Stream:
         if so, the state machine hears of it (it ends a KeyUpdate exchange)."""
         if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
             return False
-        if self._control.key_updates_since_data:
+        if self._control.control_since_data:
             self._control.application_data_received()
         return True
 
@@ -634,8 +635,9 @@ class Stream:
 
     @property
     def record_limit(self) -> int | None:
-        """Records sent under one key before a TLS 1.3 send-key update (per cipher: ``handoff.RECORD_LIMITS``);
-        ``None`` when no update is due or possible."""
+        """Records sent under one key before it is replaced (TLS 1.3 KeyUpdate, Linux ≥ 6.14) or, where it
+        cannot be, before the write side closes with the reason (per cipher: ``handoff.RECORD_LIMITS``, RFC 8446
+        §5.5); ``None`` when the AEAD has no limit to act on (ChaCha20-Poly1305) or userspace TLS sends."""
         return self._budget.limit
 
     @record_limit.setter
@@ -648,8 +650,8 @@ class Stream:
             return
         info = syscalls.get_crypto_info(self._sock, Direction.TX)
         if self._budget.kernel_count(info.rec_seq if info is not None else None):
-            log.info("updating the send key after %d records (RFC 8446 §5.5)", self._budget.bound)
-            self.key_update()
+            log.info("the send key reached its limit after %d records (RFC 8446 §5.5)", self._budget.bound)
+            self._run(self._control.send_key_exhausted(self._budget.bound))
 
     def key_update(self, request_peer_update: bool = False) -> None:
         """Send a TLS 1.3 KeyUpdate and switch to the next send key (kernel ≥ 6.14)."""

@@ -400,7 +400,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
                 raise KernelTLSFailure(None, "a control record is longer than a TLS record")
 
     def _application_data_arrived(self) -> None:
-        if self._control.key_updates_since_data:
+        if self._control.control_since_data:
             self._control.application_data_received()
 
     def _read_deferred(self, deferred: handoff.DeferredReceive) -> bool:
@@ -694,9 +694,13 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         """Near the AEAD's key-usage limit (RFC 8446 §5.5), ask the kernel, and update the send key if due."""
         info = syscalls.get_crypto_info(self._sock, Direction.TX)
         if self._budget.kernel_count(info.rec_seq if info is not None else None) and not self._control.write_closed:
-            log.info("updating the send key after %d records (RFC 8446 §5.5)", self._budget.bound)
-            self._budget.rekeyed()  # nothing more is sent under this key: the KeyUpdate goes first
-            self._run(self._control.key_update(request_peer_update=False))
+            log.info("the send key reached its limit after %d records (RFC 8446 §5.5)", self._budget.bound)
+            actions = self._control.send_key_exhausted(self._budget.bound)
+            if any(isinstance(action, InstallKey) for action in actions):
+                self._budget.rekeyed()  # nothing more is sent under this key: the KeyUpdate goes first
+            else:
+                self._close_notify_queued = True  # what was queued goes out, then close_notify
+            self._run(actions)
 
     def _flush(self) -> None:  # noqa: PLR0912 - one branch per queue item type and outcome
         """Send what the queue holds, in order, until the socket is full (the loop's writer callback)."""
