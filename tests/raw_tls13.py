@@ -98,6 +98,18 @@ class RawTLS13Client:
         self.tickets = 0
         self.alerts: list[bytes] = []
 
+    version = "TLSv1.3"
+
+    @property
+    def flight_done(self) -> bool:
+        """The server's flight is in (and the server has logged every secret of this connection)."""
+        return self.server_finished
+
+    @property
+    def secrets(self) -> dict[str, bytes]:
+        """The key-log lines a server hands to its kernel for this connection, by label."""
+        return {"CLIENT_TRAFFIC_SECRET_0": self.client_app_secret, "SERVER_TRAFFIC_SECRET_0": self.server_app_secret}
+
     def client_hello(self) -> bytes:
         public = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         extensions = b"".join(

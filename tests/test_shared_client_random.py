@@ -1,7 +1,8 @@
 """A connection only ever gets its own secrets, even when clients share a client random (security issue 15).
 
 The key log names a connection's secrets by its client random, which the client chooses and sends in clear.
-Here raw TLS 1.3 clients (``raw_tls13``: an independent implementation on ``cryptography``) send a random
+Here raw TLS 1.3 and TLS 1.2 clients (``raw_tls13``, ``raw_tls12``: independent implementations on
+``cryptography``) send a random
 of the test's choosing to a ktls server, and the test drives them step by step, so the order in which the
 servers log their secrets is forced, not left to chance:
 
@@ -43,11 +44,19 @@ from ktls.handshake import Handshake
 from ktls.keylog_capture import KeylogCapture
 from ktls.stream import _drive_handshake
 from ktls.tls.keylog import KeylogLabel
+from raw_tls12 import RawTLS12Client
 from raw_tls13 import RawTLS13Client
 from support import contexts
 
 TIMEOUT = 30.0
 SHARED = "same client random"  # in the fallback reason of a random two handshakes claimed
+#: The key-log lines whose secrets reach the kernel (TLS 1.3 application traffic secrets; TLS 1.2 master secret).
+KERNEL_LABELS = (KeylogLabel.CLIENT_TRAFFIC_SECRET_0, KeylogLabel.SERVER_TRAFFIC_SECRET_0, KeylogLabel.CLIENT_RANDOM)
+RawClient = RawTLS13Client | RawTLS12Client
+VERSIONS = {
+    "tls1.3": (ssl.TLSVersion.TLSv1_3, None, RawTLS13Client),
+    "tls1.2": (ssl.TLSVersion.TLSv1_2, "ECDHE-RSA-AES128-GCM-SHA256", RawTLS12Client),
+}
 
 
 @dataclasses.dataclass
@@ -56,8 +65,8 @@ class Outcome:
 
     kernel: bool
     reason: str | None
-    #: Host front end: the application traffic secrets the server took (client's, server's).
-    secrets: tuple[bytes, bytes] | None = None
+    #: Host front end: the secrets the server would have given its kernel, by key-log label.
+    secrets: dict[str, bytes] | None = None
 
 
 class Server(Protocol):
@@ -167,21 +176,20 @@ class HostServer(_Recorder):
 
     def _handle(self, conn: socket.socket) -> None:
         try:
-            with conn, self._capture.handshake() as claim:
-                handshake = Handshake(self._context, server_side=True, on_client_random=claim.bind)
-                _drive_handshake(conn, handshake)
-                secrets: tuple[bytes, bytes] | None = None
+            with conn:
+                secrets: dict[str, bytes] | None = None
                 reason = None
-                try:
-                    proven = proven_secrets(handshake, claim, server_side=True)
-                except KernelTLSUnavailable as exc:
-                    reason = str(exc)
-                else:
-                    client = proven.get(KeylogLabel.CLIENT_TRAFFIC_SECRET_0)
-                    server = proven.get(KeylogLabel.SERVER_TRAFFIC_SECRET_0)
-                    assert client is not None
-                    assert server is not None
-                    secrets = (bytes(client), bytes(server))
+                with self._capture.handshake() as claim:  # the claim ends with the hand-off, as in wrap_socket
+                    handshake = Handshake(self._context, server_side=True, on_client_random=claim.bind)
+                    _drive_handshake(conn, handshake)
+                    try:
+                        proven = proven_secrets(handshake, claim, server_side=True)
+                    except KernelTLSUnavailable as exc:
+                        reason = str(exc)
+                    else:
+                        secrets = {
+                            label.value: bytes(proven.secrets[label]) for label in KERNEL_LABELS if label in proven
+                        }
                 request = _userspace_read(conn, handshake)
                 self.outcomes[request] = Outcome(secrets is not None, reason, secrets)
                 handshake.ssl_object.write(b"answer:" + request)
@@ -213,12 +221,19 @@ FRONT_ENDS: dict[str, Callable[[ssl.SSLContext], Server]] = {
 }
 
 
+@pytest.fixture(params=list(VERSIONS))
+def version(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(
     params=[pytest.param(name, marks=[] if name == "host" else [pytest.mark.kernel]) for name in FRONT_ENDS]
 )
-def server(request: pytest.FixtureRequest, rsa_cert: CertFiles) -> Iterator[Server]:
+def server(request: pytest.FixtureRequest, rsa_cert: CertFiles, version: str) -> Iterator[Server]:
     front_end = request.param
-    context, _ = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
+    tls_version, ciphers, _ = VERSIONS[version]
+    context, _ = contexts(rsa_cert, tls_version, ciphers)
     running = FRONT_ENDS[front_end](context)
     try:
         yield running
@@ -229,8 +244,8 @@ def server(request: pytest.FixtureRequest, rsa_cert: CertFiles) -> Iterator[Serv
 class Client:
     """One raw client connection, driven step by step."""
 
-    def __init__(self, server: Server, client_random: bytes, name: bytes) -> None:
-        self.tls = RawTLS13Client(client_random)
+    def __init__(self, server: Server, client_random: bytes, name: bytes, version: str) -> None:
+        self.tls: RawClient = VERSIONS[version][2](client_random)
         self.name = name
         self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
 
@@ -239,8 +254,9 @@ class Client:
         return self
 
     def flight(self) -> Client:
-        """Until the server's Finished: the server has logged every secret of this connection by now."""
-        while not self.tls.server_finished:
+        """The server's flight. TLS 1.3: up to its Finished — the server has logged every secret of this
+        connection by now. TLS 1.2: up to its ServerHelloDone; it logs the master secret on our next flight."""
+        while not self.tls.flight_done:
             self.tls.receive(self.sock.recv(65536))
         return self
 
@@ -250,6 +266,8 @@ class Client:
 
     def exchange(self) -> bytes:
         """Send our name, read the answer: opened with the keys this client derived itself."""
+        while not self.tls.server_finished:
+            self.tls.receive(self.sock.recv(65536))
         self.sock.sendall(self.tls.seal(self.name))
         expected = b"answer:" + self.name
         while len(self.tls.application_data) < len(expected):
@@ -270,7 +288,7 @@ def check_own_secrets(server: Server, client: Client) -> Outcome:
     if outcome.kernel:
         assert outcome.reason is None
         if outcome.secrets is not None:
-            assert outcome.secrets == (client.tls.client_app_secret, client.tls.server_app_secret)
+            assert outcome.secrets == client.tls.secrets
     else:
         assert outcome.reason, "userspace without a reason"
     return outcome
@@ -284,12 +302,12 @@ def wait_no_handshake_in_flight(server: Server) -> None:
         time.sleep(0.01)
 
 
-def test_two_handshakes_in_flight_with_interleaved_key_log_lines(server: Server) -> None:
+def test_two_handshakes_in_flight_with_interleaved_key_log_lines(server: Server, version: str) -> None:
     """A logs all its lines, then B logs all of its under the same random, then both finish: the key log holds
     two values per label under one random. Before the fix A could be keyed with B's server secret."""
     random = os.urandom(32)
-    a = Client(server, random, b"A").hello().flight()
-    b = Client(server, random, b"B").hello().flight()
+    a = Client(server, random, b"A", version).hello().flight()
+    b = Client(server, random, b"B", version).hello().flight()
     for client in (a, b):
         assert client.finish().exchange() == b"answer:" + client.name
     for client in (a, b):
@@ -300,10 +318,10 @@ def test_two_handshakes_in_flight_with_interleaved_key_log_lines(server: Server)
     assert not server.errors
 
 
-def test_second_hello_before_the_first_server_logs_anything(server: Server) -> None:
+def test_second_hello_before_the_first_server_logs_anything(server: Server, version: str) -> None:
     random = os.urandom(32)
-    a = Client(server, random, b"A").hello()
-    b = Client(server, random, b"B").hello()
+    a = Client(server, random, b"A", version).hello()
+    b = Client(server, random, b"B", version).hello()
     for client in (a, b):
         client.flight()
     for client in (b, a):  # B finishes first this time
@@ -316,13 +334,13 @@ def test_second_hello_before_the_first_server_logs_anything(server: Server) -> N
     assert not server.errors
 
 
-def test_random_of_a_connection_already_handed_off(server: Server) -> None:
+def test_random_of_a_connection_already_handed_off(server: Server, version: str) -> None:
     """The first connection's secrets were taken and proven; it stays open. A second handshake with its random
     gets its own secrets, not the first one's leftovers."""
     random = os.urandom(32)
-    a = Client(server, random, b"A")
+    a = Client(server, random, b"A", version)
     assert a.run() == b"answer:A"
-    b = Client(server, random, b"B")
+    b = Client(server, random, b"B", version)
     assert b.run() == b"answer:B"
     for client in (a, b):
         assert check_own_secrets(server, client).kernel
@@ -330,22 +348,22 @@ def test_random_of_a_connection_already_handed_off(server: Server) -> None:
     assert not server.errors
 
 
-def test_random_of_an_abandoned_handshake(server: Server) -> None:
+def test_random_of_an_abandoned_handshake(server: Server, version: str) -> None:
     """A logs its lines and vanishes before its Finished; its claim ends and its lines are discarded, so B
     with the same random is handed off with its own secrets."""
     random = os.urandom(32)
-    a = Client(server, random, b"A").hello().flight()
+    a = Client(server, random, b"A", version).hello().flight()
     a.close()
     wait_no_handshake_in_flight(server)
-    b = Client(server, random, b"B")
+    b = Client(server, random, b"B", version)
     assert b.run() == b"answer:B"
     assert check_own_secrets(server, b).kernel
     b.close()
     assert len(server.errors) <= 1  # A's handshake, which the client abandoned (asyncio does not call back)
 
 
-def test_flood_of_distinct_randoms_never_falls_back(server: Server) -> None:
-    clients = [Client(server, os.urandom(32), f"C{i}".encode()) for i in range(16)]
+def test_flood_of_distinct_randoms_never_falls_back(server: Server, version: str) -> None:
+    clients = [Client(server, os.urandom(32), f"C{i}".encode(), version) for i in range(16)]
     for client in clients:
         client.hello()
     for client in clients:
