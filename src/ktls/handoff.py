@@ -34,10 +34,9 @@ from .kernel.uapi import CipherType, Direction
 from .keylog_capture import KeylogCapture, SecretClaim
 from .keys import ConnectionKeys
 from .tls.aead import AuthenticationFailed
-from .tls.errors import TLSProtocolError
 from .tls.keylog import ConnectionSecrets
-from .tls.proof import SecretsNotProven, open_record, prove_secrets
-from .tls.records import parse_handshake_messages
+from .tls.proof import OpenedRecord, SecretsNotProven, open_record, prove_secrets
+from .tls.records import HANDSHAKE_HEADER_SIZE
 from .tls.suites import suite_by_openssl_name
 
 __all__ = [
@@ -256,24 +255,35 @@ class DeferredReceive:
         if self.unproven is not None:
             return DeferredRecord(None)
         try:
-            content_type, plaintext = open_record(self._keys.suite, self._keys.traffic_keys(Direction.RX), seq, record)
+            opened = open_record(self._keys.suite, self._keys.traffic_keys(Direction.RX), seq, record)
         except (AuthenticationFailed, ValueError) as exc:
             self.unproven = f"the key log's receive secret does not open the server's records ({exc})"
             _log.warning("ktls: receive key not handed to the kernel: %s", self.unproven)
             return DeferredRecord(None)
-        if content_type != ContentType.HANDSHAKE:
-            return DeferredRecord(content_type)
-        try:
-            messages, _ = parse_handshake_messages(plaintext)
-        except TLSProtocolError:
-            return DeferredRecord(content_type)  # OpenSSL judges it (and fails the connection)
-        key_update = next((m for m in messages if m.handshake_type is HandshakeType.KEY_UPDATE), None)
-        if key_update is None or not self._keys.can_update:
-            return DeferredRecord(content_type)
+        if opened.content_type != ContentType.HANDSHAKE:
+            return DeferredRecord(opened.content_type)
+        request = _key_update_request(opened)
+        if request is None or not self._keys.can_update:
+            return DeferredRecord(opened.content_type)
         # RFC 8446 §7.2: from the next record on, the peer sends under its next traffic secret.
         self._keys.next_key(Direction.RX)
         self.rx_seq = 0
-        return DeferredRecord(content_type, key_update=True, update_requested=key_update.body == b"\x01")
+        return DeferredRecord(opened.content_type, key_update=True, update_requested=request == 1)
+
+
+def _key_update_request(record: OpenedRecord) -> int | None:
+    """The ``request_update`` of a KeyUpdate among the record's handshake messages, or ``None``. Only the
+    message headers are decrypted (a ticket's body is not needed to step over it). A message cut by the
+    record's end is no KeyUpdate here (OpenSSL judges the framing and fails the connection if it is wrong)."""
+    offset = 0
+    while offset + HANDSHAKE_HEADER_SIZE <= record.length:
+        header = record.read(offset, offset + HANDSHAKE_HEADER_SIZE)
+        length = int.from_bytes(header[1:4], "big")
+        body_at = offset + HANDSHAKE_HEADER_SIZE
+        if header[0] == HandshakeType.KEY_UPDATE and length == 1 and body_at + 1 <= record.length:
+            return record.read(body_at, body_at + 1)[0]
+        offset = body_at + length
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections.abc import Callable
 
 from .suites import AES128_CCM, AES128_GCM, AES256_GCM, CHACHA20_POLY1305, Aead
 
-__all__ = ["AuthenticationFailed", "can_open", "open_aead"]
+__all__ = ["AuthenticationFailed", "Opened", "authenticate", "can_open", "open_aead"]
 
 _TAG_SIZE = 16
 _NONCE_SIZE = 12
@@ -44,8 +45,27 @@ def can_open(aead: Aead) -> bool:
     return aead.name in _OPENERS
 
 
-def open_aead(aead: Aead, key: bytes, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
-    """Decrypt ``ciphertext`` (tag last) and return the plaintext, or raise :class:`AuthenticationFailed`.
+class Opened:
+    """A message whose tag has verified. Its plaintext is decrypted on demand, one byte range at a time: a
+    proof needs only a record's content type (its last bytes, in TLS 1.3) or its first bytes, and the
+    counter-mode AEADs can decrypt any range alone, so most of a large record is never decrypted."""
+
+    def __init__(self, length: int, decrypt: Callable[[int, int], bytes]) -> None:
+        self._length = length
+        self._decrypt = decrypt
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, start: int = 0, end: int | None = None) -> bytes:
+        """The plaintext bytes ``[start:end]`` (Python slice bounds, clamped to the message)."""
+        start, end, _ = slice(start, end).indices(self._length)
+        return self._decrypt(start, end) if end > start else b""
+
+
+def authenticate(aead: Aead, key: bytes, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> Opened:
+    """Verify ``ciphertext``'s tag (last 16 bytes) under ``key``, ``nonce`` and ``associated_data``, or raise
+    :class:`AuthenticationFailed`; the plaintext is then read from the :class:`Opened` message.
 
     Raises :class:`ValueError` for an AEAD this module does not implement or sizes that do not fit it.
     """
@@ -57,6 +77,12 @@ def open_aead(aead: Aead, key: bytes, nonce: bytes, ciphertext: bytes, associate
     if len(ciphertext) < _TAG_SIZE:
         raise AuthenticationFailed("shorter than the tag")
     return opener(key, nonce, ciphertext[:-_TAG_SIZE], ciphertext[-_TAG_SIZE:], associated_data)
+
+
+def open_aead(aead: Aead, key: bytes, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
+    """Decrypt ``ciphertext`` (tag last) and return the whole plaintext, or raise :class:`AuthenticationFailed`
+    (:func:`authenticate`, then all of it read)."""
+    return authenticate(aead, key, nonce, ciphertext, associated_data).read()
 
 
 # --- AES (FIPS 197), encryption ------------------------------------------------------------------------
@@ -168,39 +194,85 @@ def _ctr(cipher: _AES, counter_block: bytes, data: bytes, counter_bytes: int) ->
     return _xor(data, bytes(stream))
 
 
+def _gcm_ctr_range(cipher: _AES, first_counter: bytes, data: bytes, start: int, end: int) -> bytes:
+    """``data[start:end]`` through GCM's CTR mode (a 32-bit counter from ``first_counter``), computing only the
+    key stream blocks that range needs."""
+    first, last = start // 16, (end - 1) // 16
+    prefix, counter = first_counter[:-4], int.from_bytes(first_counter[-4:], "big")
+    stream = b"".join(
+        cipher.encrypt_block(prefix + ((counter + block) % 2**32).to_bytes(4, "big"))
+        for block in range(first, last + 1)
+    )
+    skip = start - 16 * first
+    return _xor(data[start:end], stream[skip : skip + end - start])
+
+
 # --- AES-GCM (NIST SP 800-38D) ----------------------------------------------------------------------------
 
 _GCM_R = 0xE1 << 120  # the reduction polynomial x^128 + x^7 + x^2 + x + 1, in GCM's reflected bit order
 
 
-def _gf128_multiply(x: int, y: int) -> int:
-    """X • Y in GF(2^128) as SP 800-38D §6.3 defines it (bit 0 is the most significant)."""
-    z, v = 0, y
-    for bit in range(127, -1, -1):
-        if (x >> bit) & 1:
-            z ^= v
-        v = (v >> 1) ^ _GCM_R if v & 1 else v >> 1
-    return z
+def _times_x(value: int) -> int:
+    """value • x in GCM's bit order (SP 800-38D §6.3: a right shift, reduced)."""
+    return (value >> 1) ^ _GCM_R if value & 1 else value >> 1
 
 
-def _ghash(h: int, associated_data: bytes, ciphertext: bytes) -> int:
-    y = 0
-    for data in (associated_data, ciphertext):
-        for offset in range(0, len(data), 16):
-            block = data[offset : offset + 16].ljust(16, b"\0")
-            y = _gf128_multiply(y ^ int.from_bytes(block, "big"), h)
-    lengths = struct.pack(">QQ", 8 * len(associated_data), 8 * len(ciphertext))
-    return _gf128_multiply(y ^ int.from_bytes(lengths, "big"), h)
+def _make_reduction_table() -> list[int]:
+    """What the 8 bits shifted out of ``Z`` by a multiplication by x^8 fold back in as: ``RED[b] = b • x^8``."""
+    table = []
+    for low in range(256):
+        value = low
+        for _ in range(8):
+            value = _times_x(value)
+        table.append(value)
+    return table
 
 
-def _open_gcm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> bytes:
+_GCM_REDUCTION = _make_reduction_table()
+
+
+class _GHash:
+    """GHASH with one key H, a byte at a time (Shoup's table method): ``M[b] = b • H`` for every byte value b,
+    so multiplying a block by H is 16 look-ups, shifts and XORs instead of 128 conditional ones."""
+
+    def __init__(self, h: int) -> None:
+        # The byte's bit 0x80 is x^0, 0x40 is x^1, ...: M[0x80] = H, M[0x40] = H • x, ...
+        powers = {0x80: h}
+        for bit in (0x40, 0x20, 0x10, 0x08, 0x04, 0x02, 0x01):
+            powers[bit] = _times_x(powers[bit << 1])
+        table = [0] * 256
+        for value in range(1, 256):
+            low_bit = value & -value
+            table[value] = table[value ^ low_bit] ^ powers[low_bit]
+        self._table = table
+
+    def _multiply(self, x: int) -> int:
+        """x • H: Horner's rule over x's bytes, last byte first (x = b0 + x^8 (b1 + x^8 (...)))."""
+        table, reduction = self._table, _GCM_REDUCTION
+        z = 0
+        for byte in x.to_bytes(16, "little"):  # b15 first
+            z = (z >> 8) ^ reduction[z & 0xFF] ^ table[byte]
+        return z
+
+    def digest(self, associated_data: bytes, ciphertext: bytes) -> int:
+        y = 0
+        for data in (associated_data, ciphertext):
+            for offset in range(0, len(data), 16):
+                block = data[offset : offset + 16].ljust(16, b"\0")
+                y = self._multiply(y ^ int.from_bytes(block, "big"))
+        lengths = struct.pack(">QQ", 8 * len(associated_data), 8 * len(ciphertext))
+        return self._multiply(y ^ int.from_bytes(lengths, "big"))
+
+
+def _open_gcm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> Opened:
     cipher = _AES(key)
     h = int.from_bytes(cipher.encrypt_block(bytes(16)), "big")
     j0 = nonce + b"\0\0\0\1"  # a 96-bit IV (§7.1)
-    expected = _xor(_ghash(h, associated_data, ciphertext).to_bytes(16, "big"), cipher.encrypt_block(j0))
+    expected = _xor(_GHash(h).digest(associated_data, ciphertext).to_bytes(16, "big"), cipher.encrypt_block(j0))
     if not hmac.compare_digest(expected, tag):
         raise AuthenticationFailed("AES-GCM tag mismatch")
-    return _ctr(cipher, nonce + b"\0\0\0\2", ciphertext, 4)
+    first_counter = nonce + b"\0\0\0\2"
+    return Opened(len(ciphertext), lambda start, end: _gcm_ctr_range(cipher, first_counter, ciphertext, start, end))
 
 
 # --- AES-CCM (NIST SP 800-38C / RFC 3610), 12-byte nonce, 16-byte tag ----------------------------------------
@@ -208,7 +280,7 @@ def _open_gcm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associate
 _CCM_L = 15 - _NONCE_SIZE  # bytes of the message-length / counter field
 
 
-def _open_ccm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> bytes:
+def _open_ccm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> Opened:
     cipher = _AES(key)
     counter0 = bytes([_CCM_L - 1]) + nonce + bytes(_CCM_L)
     plaintext = _ctr(cipher, counter0[:-_CCM_L] + (1).to_bytes(_CCM_L, "big"), ciphertext, _CCM_L)
@@ -226,7 +298,7 @@ def _open_ccm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associate
     expected = _xor(mac, cipher.encrypt_block(counter0))
     if not hmac.compare_digest(expected, tag):
         raise AuthenticationFailed("AES-CCM tag mismatch")
-    return plaintext
+    return Opened(len(plaintext), lambda start, end: plaintext[start:end])  # CCM's MAC needed all of it
 
 
 # --- ChaCha20-Poly1305 (RFC 8439) ---------------------------------------------------------------------------
@@ -277,7 +349,7 @@ def _poly1305(key: bytes, message: bytes) -> bytes:
     return ((accumulator + s) & ((1 << 128) - 1)).to_bytes(16, "little")
 
 
-def _open_chacha20_poly1305(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> bytes:
+def _open_chacha20_poly1305(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> Opened:
     key_words = struct.unpack("<8I", key)
     nonce_words = struct.unpack("<3I", nonce)
     one_time_key = _chacha20_block(key_words, 0, nonce_words)[:32]
@@ -285,8 +357,14 @@ def _open_chacha20_poly1305(key: bytes, nonce: bytes, ciphertext: bytes, tag: by
     mac_data += struct.pack("<QQ", len(associated_data), len(ciphertext))
     if not hmac.compare_digest(_poly1305(one_time_key, mac_data), tag):
         raise AuthenticationFailed("ChaCha20-Poly1305 tag mismatch")
-    stream = b"".join(_chacha20_block(key_words, 1 + i, nonce_words) for i in range((len(ciphertext) + 63) // 64))
-    return _xor(ciphertext, stream)
+
+    def decrypt(start: int, end: int) -> bytes:
+        first, last = start // 64, (end - 1) // 64
+        stream = b"".join(_chacha20_block(key_words, 1 + i, nonce_words) for i in range(first, last + 1))
+        skip = start - 64 * first
+        return _xor(ciphertext[start:end], stream[skip : skip + end - start])
+
+    return Opened(len(ciphertext), decrypt)
 
 
 _OPENERS = {
