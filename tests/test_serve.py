@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ktls.kernel import read_tls_stat
-from ktls.serve.http import BadRequest, Request, parse_request, respond
+from ktls.serve.http import BadRequest, Request, Response, parse_request, respond
 
 BIG = 3 * 1024 * 1024 + 17
 
@@ -45,14 +45,22 @@ def request(target: str, **headers: str) -> Request:
 # -- sans-IO decisions -----------------------------------------------------------------------------------------
 
 
+def region(response: Response) -> tuple[int, int]:
+    assert response.file is not None
+    response.close()
+    return response.file.offset, response.file.length
+
+
 def test_whole_file_and_head(root: Path) -> None:
     response = respond(request("/big.bin"), root)
     assert response.status == 200
-    assert (response.offset, response.length) == (0, BIG)
+    assert region(response) == (0, BIG)
     assert ("Content-Length", str(BIG)) in response.headers
     head = respond(parse_request(b"HEAD /big.bin HTTP/1.1\r\nHost: x"), root)
+    head.close()
     assert head.status == 200
-    assert not head.send_body
+    assert not head.has_body
+    assert ("Content-Length", str(BIG)) in head.headers
 
 
 @pytest.mark.parametrize(
@@ -67,7 +75,7 @@ def test_whole_file_and_head(root: Path) -> None:
 def test_single_ranges(root: Path, spec: str, expected: tuple[int, int]) -> None:
     response = respond(request("/big.bin", Range=spec), root)
     assert response.status == 206
-    assert (response.offset, response.length) == expected
+    assert region(response) == expected
     assert ("Content-Range", f"bytes {expected[0]}-{expected[0] + expected[1] - 1}/{BIG}") in response.headers
 
 
@@ -99,7 +107,10 @@ def test_directories(root: Path) -> None:
     redirect = respond(request("/sub"), root)
     assert redirect.status == 301
     assert ("Location", "/sub/") in redirect.headers
-    assert respond(request("/sub/"), root).path == root / "sub" / "index.html"
+    index = respond(request("/sub/"), root)
+    index.close()
+    assert index.file is not None
+    assert index.file.path == os.fsencode(root / "sub" / "index.html")
     listing = respond(request("/list/"), root)
     assert b"a b&amp;c.txt" in listing.body
     assert b'href="a%20b%26c.txt"' in listing.body

@@ -15,6 +15,7 @@ from typing import TextIO
 from . import __version__
 from .constants import TLSVersion
 from .kernel import CIPHERS, KernelSupport, probe, read_tls_stat
+from .serve.config import ServeConfig
 
 __all__ = ["main"]
 
@@ -106,14 +107,25 @@ def _stat(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
-    from .serve import ServeConfig, serve  # noqa: PLC0415 - only this command needs the server
+    from .serve import serve  # noqa: PLC0415 - only this command needs the server
 
     if (args.cert is None) != (args.key is None):
         print("ktls serve: --cert and --key go together", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = ServeConfig(
-        root=Path(args.directory), bind=args.bind, port=args.port, cert=args.cert, key=args.key, workers=args.workers
+        root=Path(args.directory),
+        bind=args.bind,
+        port=args.port,
+        cert=args.cert,
+        key=args.key,
+        workers=args.workers,
+        max_connections=args.max_connections,
+        handshake_timeout=args.handshake_timeout,
+        head_timeout=args.head_timeout,
+        idle_timeout=args.idle_timeout,
+        send_timeout=args.send_timeout,
+        show_hidden=args.show_hidden,
     )
     return serve(config, out)
 
@@ -138,6 +150,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cert", type=Path, metavar="FILE", help="PEM certificate chain (default: self-signed)")
     serve.add_argument("--key", type=Path, metavar="FILE", help="PEM private key for --cert")
     serve.add_argument("--workers", type=int, default=1, metavar="N", help="processes sharing the port (SO_REUSEPORT)")
+    defaults = ServeConfig(Path("."))
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"connections per worker, handshakes included; more wait (default {defaults.max_connections})",
+    )
+    for option, field, what in (
+        ("--handshake-timeout", "handshake_timeout", "for a whole TLS handshake"),
+        ("--head-timeout", "head_timeout", "for a whole request head once it has started"),
+        ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
+        ("--send-timeout", "send_timeout", "for a response, plus its body at 2 KiB/s"),
+    ):
+        default = getattr(defaults, field)
+        serve.add_argument(
+            option, type=float, default=default, metavar="S", help=f"seconds {what} (default {default:g})"
+        )
+    serve.add_argument("--show-hidden", action="store_true", help="serve and list names starting with a dot")
     serve.set_defaults(run=_serve)
     bench = commands.add_parser("bench", help="plain TCP vs ssl vs ktls, side by side, as ratios")
     bench.add_argument("--size", type=int, default=64, metavar="MIB", help="MiB per transfer (default 64)")

@@ -228,6 +228,7 @@ class Server(asyncio.AbstractServer):
         ssl_handshake_timeout: float | None,
         ssl_shutdown_timeout: float | None,
         require_kernel: bool,
+        max_connections: int | None = None,
     ) -> None:
         self._loop = loop
         self._sockets: list[socket.socket] | None = sockets
@@ -242,6 +243,15 @@ class Server(asyncio.AbstractServer):
         self._transports: set[KTLSTransport] = set()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._waiters: list[asyncio.Future[None]] = []
+        #: At most this many connections (handshakes in flight + open transports); at the limit the server
+        #: stops accepting — new connections wait in the listen backlog — until one ends.
+        self._max_connections = max_connections
+        self._at_limit = False
+
+    @property
+    def connection_count(self) -> int:
+        """Connections of this server now: handshakes in flight and open transports."""
+        return len(self._handshakes) + len(self._transports)
 
     def __repr__(self) -> str:
         return f"<ktls.asyncio.Server sockets={self.sockets!r}>"
@@ -253,7 +263,15 @@ class Server(asyncio.AbstractServer):
 
     def _detach(self, transport: KTLSTransport) -> None:
         self._transports.discard(transport)
+        self._below_limit()
         self._wakeup_if_done()
+
+    def _below_limit(self) -> None:
+        """A connection ended: accept again if the limit had stopped us."""
+        if self._at_limit and self._max_connections is not None and self.connection_count < self._max_connections:
+            self._at_limit = False
+            for listener in self._sockets or ():
+                self._resume_accepting(listener)
 
     def _wakeup_if_done(self) -> None:
         if self._sockets is None and not self._transports and not self._handshakes:
@@ -274,6 +292,11 @@ class Server(asyncio.AbstractServer):
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(self._backlog):
+            if self._max_connections is not None and self.connection_count >= self._max_connections:
+                self._at_limit = True
+                for each in self._sockets or ():
+                    self._loop.remove_reader(each.fileno())
+                return
             try:
                 conn, _address = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -293,11 +316,12 @@ class Server(asyncio.AbstractServer):
             task.add_done_callback(self._handshake_done)
 
     def _resume_accepting(self, listener: socket.socket) -> None:
-        if self._serving and self._sockets is not None and listener in self._sockets:
+        if self._serving and self._sockets is not None and listener in self._sockets and not self._at_limit:
             self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     def _handshake_done(self, task: asyncio.Task[None]) -> None:
         self._handshakes.discard(task)
+        self._below_limit()
         self._wakeup_if_done()
 
     async def _serve_connection(self, conn: socket.socket) -> None:
@@ -474,12 +498,15 @@ async def create_server(
     ssl_shutdown_timeout: float | None = None,
     start_serving: bool = True,
     require_kernel: bool = False,
+    max_connections: int | None = None,
 ) -> Server:
     """Like ``loop.create_server`` with ``ssl=``: each accepted connection does its handshake on the loop, then
     the kernel takes over and ``protocol_factory()`` gets a :class:`~ktls.asyncio.transport.KTLSTransport`.
 
     A connection whose handshake fails (or, with ``require_kernel=True``, that the kernel cannot take) is closed
-    and logged at debug level, as asyncio does.
+    and logged at debug level, as asyncio does. ``max_connections`` (a ktls addition): at most that many
+    connections at once, handshakes included; at the limit the server stops accepting until one ends, so
+    new clients wait in the listen backlog instead of costing descriptors.
     """
     if not isinstance(ssl, _ssl.SSLContext):
         raise TypeError("ktls.asyncio.create_server needs ssl= an ssl.SSLContext")
@@ -511,6 +538,7 @@ async def create_server(
         ssl_handshake_timeout=ssl_handshake_timeout,
         ssl_shutdown_timeout=ssl_shutdown_timeout,
         require_kernel=require_kernel,
+        max_connections=max_connections,
     )
     if start_serving:
         await server.start_serving()

@@ -1,5 +1,6 @@
 """``ktls serve``: ``python -m http.server``, over HTTPS, with the kernel encrypting and sendfile moving bytes."""
 
-from .server import ServeConfig, serve
+from .config import ServeConfig
+from .server import serve
 
 __all__ = ["ServeConfig", "serve"]

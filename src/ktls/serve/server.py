@@ -1,56 +1,70 @@
 """``ktls serve``: an HTTPS static file server whose bytes the kernel encrypts and ``sendfile`` moves.
 
 Shape: ``workers`` processes, each with its own listening socket on the same port (``SO_REUSEPORT``: the
-kernel spreads connections across them), each handling connections on a bounded pool of threads with the
-blocking :class:`~ktls.Stream`. A file body goes out with ``Stream.sendfile`` — ``os.sendfile`` on a kTLS
-socket — so its bytes never enter Python. SIGINT/SIGTERM stop accepting, let the connections in flight
-finish their current response (bounded), then exit; the parent forwards the signal to its workers.
+kernel spreads connections across them), each one event loop serving every connection on
+:mod:`ktls.asyncio` — the TLS handshake on the loop, then a kernel-TLS transport; a file body goes out with
+``ktls.asyncio.sendfile`` (``os.sendfile`` on the kTLS socket), so its bytes never enter Python, and an idle
+or slow connection costs a descriptor and a few kilobytes, not a thread.
+
+Bounds, each a :class:`ServeConfig` field (and a ``ktls serve`` option) with its reason:
+
+* ``max_connections`` per worker, handshakes included (``ktls.asyncio`` stops accepting at the limit: new
+  clients wait in the listen backlog, never cost a descriptor, and are taken as connections end); capped
+  below the worker's descriptor limit, which is raised to its hard maximum at start. ``accept`` failing with
+  ``EMFILE``/``ENFILE`` backs off and retries, never stops the worker.
+* ``handshake_timeout``: the whole TLS handshake (not per read).
+* ``head_timeout``: the whole request head (and a small body to discard) once its first byte has arrived:
+  a client trickling a byte at a time (slowloris) is dropped when it runs out, however it paces itself.
+* ``idle_timeout``: how long a kept-alive connection may wait for its next request.
+* A response must make progress: ``send_timeout`` plus the time its body takes at ``MIN_SEND_RATE``; a
+  client that stops reading is cut off after that.
+* Buffers: a request head is at most ``MAX_HEAD`` bytes, a discarded body ``MAX_DISCARDED_BODY``; the
+  stream reader pauses the socket past ``READ_LIMIT``; bodies go out by ``sendfile``, not buffers.
+
+A file that shrinks while it is sent ends the connection (the client sees a short body, never a next
+response parsed out of the wrong bytes). SIGINT/SIGTERM stop accepting, close idle connections, let
+responses in flight finish (at most ``STOP_GRACE``), then exit; the parent forwards the signal to its
+workers. The access log escapes every control character (:func:`ktls.serve.http.printable`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
 import sys
-import threading
 import time
-from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from ..errors import KTLSError
+from .. import asyncio as ktls_asyncio
 from ..kernel.probe import probe
-from ..stream import Stream, wrap_socket
 from .certificate import SessionCertificate, load_default_certificate
-from .http import MAX_HEAD, BadRequest, Response, parse_request, respond
+from .config import ServeConfig
+from .http import MAX_HEAD, BadRequest, Response, parse_request, printable, respond
 
 __all__ = ["ServeConfig", "serve"]
 
 log = logging.getLogger("ktls.serve")
 access_log = logging.getLogger("ktls.serve.access")
 
-#: How long a kept-alive connection may sit idle, and how long a handshake may take.
-IDLE_TIMEOUT = 15.0
-HANDSHAKE_TIMEOUT = 10.0
+#: A response's deadline grows with its body at this rate (bytes/s): a reader slower than a 2 KiB/s modem
+#: for a whole file is not one we keep a connection for (nginx's send_timeout bounds each write instead).
+MIN_SEND_RATE = 2048
 #: How long a graceful stop waits for responses in flight.
 STOP_GRACE = 5.0
-
-
-@dataclasses.dataclass
-class ServeConfig:
-    root: Path
-    bind: str = "127.0.0.1"
-    port: int = 8443
-    cert: Path | None = None
-    key: Path | None = None
-    workers: int = 1
-    threads: int = 64
+#: The stream reader pauses the socket once this much is buffered (asyncio's default limit is 64 KiB).
+READ_LIMIT = 64 * 1024
+#: After our close_notify, how long a connection may wait for the client's (asyncio's default is 30 s): a
+#: client that keeps its side open holds a connection slot no longer than this.
+CLOSE_TIMEOUT = 5.0
+#: Descriptors kept free of connections for files being sent, the listener and the loop.
+_SPARE_DESCRIPTORS = 64
 
 
 def _context(config: ServeConfig) -> tuple[ssl.SSLContext, SessionCertificate | None]:
@@ -75,142 +89,195 @@ def _listener(config: ServeConfig) -> socket.socket:
     return sock
 
 
-def _read_head(stream: Stream, buffer: bytearray) -> bytes | None:
-    """The next request head (pipelined bytes after it stay in ``buffer``); ``None`` at a clean end."""
-    while True:
-        end = buffer.find(b"\r\n\r\n")
-        if end >= 0:
-            head = bytes(buffer[:end])
-            del buffer[: end + 4]
-            return head
-        if len(buffer) > MAX_HEAD:
-            raise BadRequest("request head too large", 431)
-        data = stream.recv(65536)
-        if not data:
-            if buffer:
-                raise BadRequest("connection closed inside a request head")
-            return None
-        buffer += data
+def _connection_limit(wanted: int) -> int:
+    """``wanted``, or fewer if this process cannot have that many descriptors even at its hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + _SPARE_DESCRIPTORS)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return max(1, min(wanted, soft - _SPARE_DESCRIPTORS))
 
 
-def _send_response(stream: Stream, response: Response, keep_alive: bool) -> int:
-    """Head, then body. The connection has ``TCP_NODELAY``: a head written alone must not wait for a delayed
-    ACK (Nagle) before its body may follow."""
-    if not response.send_body or response.path is None:
-        stream.sendall(response.head(keep_alive) + (response.body if response.send_body else b""))
-        return len(response.body) if response.send_body else 0
-    stream.sendall(response.head(keep_alive))
-    with response.path.open("rb") as file:
-        return stream.sendfile(file, response.offset, response.length)
+class _Connection:
+    """One client connection: its request loop, and what a graceful stop needs to know (idle or busy)."""
 
+    def __init__(self, worker: _Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.worker = worker
+        self.config = worker.config
+        self.reader = reader
+        self.writer = writer
+        self.idle = True
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self._buffer = bytearray()
 
-def _handle(stream: Stream, root: Path, peer: str, stopping: threading.Event) -> None:
-    buffer = bytearray()
-    with stream:
-        stream.settimeout(IDLE_TIMEOUT)
-        while not stopping.is_set():
+    async def run(self) -> None:
+        try:
+            while not self.worker.stopping:
+                self.idle = True
+                head = await self._read_head()
+                if head is None:
+                    return
+                self.idle = False
+                if not await self._serve(head):
+                    return
+        except (TimeoutError, asyncio.TimeoutError) as exc:  # distinct classes before Python 3.11
+            # Cut off at once: a graceful close would keep reading (and dropping) what a slow client trickles.
+            log.info("%s: %s", self.peer, exc or "response not sent in time")
+            self.writer.transport.abort()
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            log.info("%s: %s", self.peer, printable(str(exc)))
+        finally:
+            self.writer.close()
+
+    async def _read_head(self) -> bytes | None:
+        """The next request head; ``None`` when the client is done (or idled out before a first byte).
+
+        Deadlines: ``idle_timeout`` for the first byte, then ``head_timeout`` for the whole head — total, so
+        a client cannot stretch it by sending a byte just before each read would time out."""
+        if not self._buffer:
             try:
-                head = _read_head(stream, buffer)
-            except BadRequest as exc:
-                response = exc.response()
-                _send_response(stream, response, keep_alive=False)
-                return
-            if head is None:
-                return
-            try:
-                request = parse_request(head)
-            except BadRequest as exc:
-                _send_response(stream, exc.response(), keep_alive=False)
-                return
-            response = respond(request, root)
-            keep_alive = request.keep_alive and not stopping.is_set()
-            sent = _send_response(stream, response, keep_alive)
-            request_line = f"{request.method} {request.target} {request.version}"
-            access_log.info('%s "%s" %d %d', peer, request_line, response.status, sent)
-            if not keep_alive:
-                return
+                first = await asyncio.wait_for(self.reader.read(READ_LIMIT), self.config.idle_timeout)
+            except asyncio.TimeoutError:
+                return None
+            if not first:
+                return None
+            self._buffer += first
+        deadline = time.monotonic() + self.config.head_timeout
+        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
+            if len(self._buffer) > MAX_HEAD:
+                await self._refuse(BadRequest("request head too large", 431), head_only=False)
+                raise ConnectionAbortedError("request head too large")
+            data = await self._before(deadline, "request head")
+            if not data:
+                if self._buffer.strip():
+                    log.info("%s: closed inside a request head", self.peer)
+                return None
+            self._buffer += data
+        head = bytes(self._buffer[:end])
+        del self._buffer[: end + 4]
+        return head
+
+    async def _before(self, deadline: float, what: str) -> bytes:
+        """The next bytes from the client, or ``TimeoutError`` once ``deadline`` has passed."""
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(self.reader.read(READ_LIMIT), remaining)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{what} not complete within {self.config.head_timeout:g} s") from None
+
+    async def _serve(self, head: bytes) -> bool:
+        """Answer one request; whether the connection stays open for the next."""
+        try:
+            request = parse_request(head)
+        except BadRequest as exc:
+            await self._refuse(exc, head_only=head.startswith(b"HEAD "))
+            return False
+        if request.content_length:
+            await self._discard_body(request.content_length)
+        response = respond(request, self.worker.root, show_hidden=self.config.show_hidden)
+        keep_alive = request.keep_alive and not self.worker.stopping
+        try:
+            complete, sent = await self._send(response, keep_alive)
+        finally:
+            response.close()
+        access_log.info('%s "%s" %d %d', self.peer, printable(request.request_line), response.status, sent)
+        if not complete:
+            log.info("%s: %s changed size while it was sent: connection closed", self.peer, request.target)
+            self.writer.transport.abort()
+            return False
+        return keep_alive
+
+    async def _discard_body(self, length: int) -> None:
+        """Read and drop a small request body (``http.MAX_DISCARDED_BODY``) so it is never taken for a request."""
+        deadline = time.monotonic() + self.config.head_timeout
+        while length > len(self._buffer):
+            data = await self._before(deadline, "request body")
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), length)
+            self._buffer += data
+        del self._buffer[:length]
+
+    async def _refuse(self, error: BadRequest, *, head_only: bool) -> None:
+        access_log.info('%s "-" %d 0 (%s)', self.peer, error.status, printable(str(error)))
+        response = error.response(head_only=head_only)
+        self.writer.write(response.head(keep_alive=False) + (response.body if response.has_body else b""))
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.writer.drain(), self.config.send_timeout)
+
+    async def _send(self, response: Response, keep_alive: bool) -> tuple[bool, int]:
+        """Head, then body (a file region by sendfile). Returns (whether the whole body went out, bytes of
+        body sent). Bounded: ``send_timeout`` + the body's length at ``MIN_SEND_RATE``."""
+        body = response.body_length
+        budget = self.config.send_timeout + body / MIN_SEND_RATE
+        head = response.head(keep_alive)
+        if response.file is None or not response.has_body:
+            self.writer.write(head + (response.body if response.has_body else b""))
+            await asyncio.wait_for(self.writer.drain(), budget)
+            return True, body
+        region = response.file
+        self.writer.write(head)
+        with os.fdopen(os.dup(region.fd), "rb") as file:
+            sent = await asyncio.wait_for(
+                ktls_asyncio.sendfile(self.writer.transport, file, region.offset, region.length), budget
+            )
+        return sent == region.length, sent
 
 
-class _Connections:
-    """The sockets being served, so that a stop can cut the idle ones short."""
+class _Worker:
+    """One process's event loop: the server, its connections, the graceful stop."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
+    def __init__(self, config: ServeConfig, context: ssl.SSLContext, listener: socket.socket) -> None:
+        self.config = config
+        self.context = context
+        self.listener = listener
+        self.root = os.fsencode(config.root.resolve())
+        self.stopping = False
+        self.connections: set[_Connection] = set()
 
-    def add(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.add(sock)
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        limit = _connection_limit(self.config.max_connections)
+        server = await ktls_asyncio.start_server(
+            self._client,
+            sock=self.listener,
+            ssl=self.context,
+            ssl_handshake_timeout=self.config.handshake_timeout,
+            ssl_shutdown_timeout=CLOSE_TIMEOUT,
+            backlog=1024,
+            limit=READ_LIMIT,
+            max_connections=limit,
+        )
+        await stop.wait()
+        self.stopping = True
+        server.close()
+        for connection in list(self.connections):
+            if connection.idle:
+                connection.writer.transport.abort()  # waiting for a request: nothing in flight is lost
+        deadline = time.monotonic() + STOP_GRACE
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.writer.transport.abort()
 
-    def discard(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.discard(sock)
-
-    def __len__(self) -> int:
-        return len(self._sockets)
-
-    def cut(self) -> None:
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-def _connection(
-    sock: socket.socket,
-    address: tuple[str, int],
-    *,
-    context: ssl.SSLContext,
-    root: Path,
-    stopping: threading.Event,
-    active: _Connections,
-) -> None:
-    peer = f"{address[0]}:{address[1]}"
-    active.add(sock)
-    try:
-        sock.settimeout(HANDSHAKE_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stream = wrap_socket(sock, context, server_side=True)
-        _handle(stream, root, peer, stopping)
-    except (OSError, KTLSError, ssl.SSLError) as exc:  # peer went away, timed out, or broke TLS
-        log.info("%s: %s", peer, exc)
-        sock.close()
-    finally:
-        active.discard(sock)
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = _Connection(self, reader, writer)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
 
 
 def _worker(config: ServeConfig, context: ssl.SSLContext, listener: socket.socket) -> None:
-    """Accept until stopped; each connection on a pool thread."""
-    stopping = threading.Event()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    root = config.root.resolve()
-    listener.settimeout(0.5)
-    active = _Connections()
-    pool = concurrent.futures.ThreadPoolExecutor(config.threads, thread_name_prefix="ktls-serve")
-    while not stopping.is_set():
-        try:
-            sock, address = listener.accept()
-        except TimeoutError:
-            continue
-        except OSError:
-            if stopping.is_set():
-                break
-            raise
-        pool.submit(_connection, sock, address, context=context, root=root, stopping=stopping, active=active)
-    listener.close()
-    # Graceful stop: responses in flight finish (bounded), idle keep-alive connections are cut.
-    deadline = time.monotonic() + STOP_GRACE
-    while len(active) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    active.cut()
-    pool.shutdown(wait=True, cancel_futures=True)
+    listener.setblocking(False)
+    asyncio.run(_Worker(config, context, listener).run())
 
 
 def _banner(config: ServeConfig, certificate: SessionCertificate | None, out: TextIO) -> None:
