@@ -220,7 +220,7 @@ class _Connection:
             return True, body
         region = response.file
         self.writer.write(head)
-        with os.fdopen(os.dup(region.fd), "rb") as file:
+        with open(region.fd, "rb", closefd=False) as file:  # the response owns the descriptor
             sent = await asyncio.wait_for(
                 ktls_asyncio.sendfile(self.writer.transport, file, region.offset, region.length), budget
             )
