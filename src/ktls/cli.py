@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         ("--handshake-timeout", "handshake_timeout", "for a whole TLS handshake"),
         ("--head-timeout", "head_timeout", "for a whole request head once it has started"),
         ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
-        ("--send-timeout", "send_timeout", "for a response, plus its body at 2 KiB/s"),
+        ("--send-timeout", "send_timeout", "for each step of a response (its head, each 1 MiB of a file)"),
     ):
         default = getattr(defaults, field)
         serve.add_argument(

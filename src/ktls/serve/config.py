@@ -28,7 +28,7 @@ class ServeConfig:
     head_timeout: float = 10.0
     #: Seconds a kept-alive connection may wait for its next request (nginx: keepalive_timeout 75 s).
     idle_timeout: float = 15.0
-    #: Seconds every response may take before its body is counted at MIN_SEND_RATE (nginx: send_timeout 60 s).
+    #: Seconds each step of a response (its head, or a 1 MiB chunk of a file) may take (nginx: send_timeout 60 s).
     send_timeout: float = 30.0
     #: Serve and list names starting with a dot (``.git``, ``.env``): off by default.
     show_hidden: bool = False

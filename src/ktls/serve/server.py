@@ -16,8 +16,8 @@ Bounds, each a :class:`ServeConfig` field (and a ``ktls serve`` option) with its
 * ``head_timeout``: the whole request head (and a small body to discard) once its first byte has arrived:
   a client trickling a byte at a time (slowloris) is dropped when it runs out, however it paces itself.
 * ``idle_timeout``: how long a kept-alive connection may wait for its next request.
-* A response must make progress: ``send_timeout`` plus the time its body takes at ``MIN_SEND_RATE``; a
-  client that stops reading is cut off after that.
+* A response must make progress: each step of it (the head, or ``SEND_CHUNK`` of a file) within
+  ``send_timeout``; a client that stops reading is cut off after that.
 * Buffers: a request head is at most ``MAX_HEAD`` bytes, a discarded body ``MAX_DISCARDED_BODY``; the
   stream reader pauses the socket past ``READ_LIMIT``; bodies go out by ``sendfile``, not buffers.
 
@@ -53,9 +53,9 @@ __all__ = ["ServeConfig", "serve"]
 log = logging.getLogger("ktls.serve")
 access_log = logging.getLogger("ktls.serve.access")
 
-#: A response's deadline grows with its body at this rate (bytes/s): a reader slower than a 2 KiB/s modem
-#: for a whole file is not one we keep a connection for (nginx's send_timeout bounds each write instead).
-MIN_SEND_RATE = 2048
+#: A file body goes out in steps of this many bytes, each bounded by ``send_timeout``: a client must take
+#: at least this much per timeout (1 MiB / 30 s ≈ 35 KB/s) or be cut off.
+SEND_CHUNK = 1024 * 1024
 #: How long a graceful stop waits for responses in flight.
 STOP_GRACE = 5.0
 #: The stream reader pauses the socket once this much is buffered (asyncio's default limit is 64 KiB).
@@ -209,21 +209,27 @@ class _Connection:
             await asyncio.wait_for(self.writer.drain(), self.config.send_timeout)
 
     async def _send(self, response: Response, keep_alive: bool) -> tuple[bool, int]:
-        """Head, then body (a file region by sendfile). Returns (whether the whole body went out, bytes of
-        body sent). Bounded: ``send_timeout`` + the body's length at ``MIN_SEND_RATE``."""
-        body = response.body_length
-        budget = self.config.send_timeout + body / MIN_SEND_RATE
+        """Head, then body (a file region by sendfile, ``SEND_CHUNK`` at a time). Returns (whether the whole
+        body went out, bytes of body sent). Bounded like nginx's send_timeout: each step — the head with a
+        small body, or one chunk of a file — must be done within ``send_timeout``; a client that stops
+        reading is cut off then, however large the file."""
+        timeout = self.config.send_timeout
         head = response.head(keep_alive)
         if response.file is None or not response.has_body:
             self.writer.write(head + (response.body if response.has_body else b""))
-            await asyncio.wait_for(self.writer.drain(), budget)
-            return True, body
+            await asyncio.wait_for(self.writer.drain(), timeout)
+            return True, response.body_length
         region = response.file
         self.writer.write(head)
+        sent = 0
         with open(region.fd, "rb", closefd=False) as file:  # the response owns the descriptor
-            sent = await asyncio.wait_for(
-                ktls_asyncio.sendfile(self.writer.transport, file, region.offset, region.length), budget
-            )
+            while sent < region.length:
+                want = min(SEND_CHUNK, region.length - sent)
+                step = ktls_asyncio.sendfile(self.writer.transport, file, region.offset + sent, want)
+                done = await asyncio.wait_for(step, timeout)
+                sent += done
+                if done < want:
+                    break  # the file ended early: it shrank
         return sent == region.length, sent
 
 
