@@ -266,6 +266,41 @@ def test_loop_sendfile_and_writelines(rsa_cert: CertFiles, tmp_path: Path) -> No
     assert data == b"ab\n" + content[100:600_100] + b"end"
 
 
+def test_max_connections_stops_accepting_at_the_limit(rsa_cert: CertFiles) -> None:
+    """``create_server(max_connections=2)``: a third client waits in the backlog (its handshake does not start)
+    until one of the two ends; then it is served. ``connection_count`` counts handshakes and transports."""
+    server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
+
+    async def main() -> None:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(100):
+                writer.write(data)
+            writer.close()
+
+        server = await ktls.asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx, max_connections=2)
+        port = server.sockets[0].getsockname()[1]
+
+        async def client() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await ktls.asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="localhost")
+
+        first, second = await client(), await client()
+        assert server.connection_count == 2
+        third = asyncio.create_task(client())
+        done, _ = await asyncio.wait({third}, timeout=1.0)
+        assert not done, "a third connection was accepted past the limit"
+        assert server.connection_count == 2
+        first[1].close()  # one ends: the third is accepted and served
+        reader, writer = await asyncio.wait_for(third, 10)
+        writer.write(b"ping")
+        assert await reader.read(4) == b"ping"
+        for each in (second[1], writer):
+            each.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
+
+    run(main())
+
+
 def test_server_api(rsa_cert: CertFiles) -> None:
     """``asyncio.AbstractServer``: sockets, is_serving, close_clients, wait_closed, serve_forever, async with."""
     server_ctx, client_ctx = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)

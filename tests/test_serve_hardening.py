@@ -372,3 +372,17 @@ def test_control_characters_never_reach_the_log(served: Served) -> None:
     log = served.log.read_bytes()
     assert b"\x1b" not in log
     assert b"\\x1b" in log
+
+
+def test_openssl_s_client_gets_its_answer(served: Served) -> None:
+    """A client we did not write: ``openssl s_client`` (TLS 1.3 and 1.2), a request with a small body that the
+    server must read and drop, then a second request on the same connection."""
+    requests = (
+        b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody"
+        b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    for version in ("-tls1_3", "-tls1_2"):
+        command = ["openssl", "s_client", "-quiet", "-ign_eof", version, "-connect", f"127.0.0.1:{served.port}"]
+        result = subprocess.run(command, input=requests, capture_output=True, timeout=60, check=False)
+        assert result.stdout.count(b"HTTP/1.1 200 OK") == 2, result.stdout[-500:]
+        assert result.stdout.endswith(b"hello\n")
