@@ -21,6 +21,7 @@ import struct
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from raw_framing import Framing, extension, handshake_message, record, vector
 from reference_tls import TLS12, RecordProtection
 
 AES_GCM_128 = 51
@@ -41,34 +42,17 @@ def prf(secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
     return out[:length]
 
 
-def _vector(width: int, data: bytes) -> bytes:
-    return len(data).to_bytes(width, "big") + data
-
-
-def _extension(kind: int, data: bytes) -> bytes:
-    return struct.pack("!H", kind) + _vector(2, data)
-
-
-def _handshake_message(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _vector(3, body)
-
-
-def _record(content_type: int, payload: bytes, version: int = TLS12) -> bytes:
-    return struct.pack("!BHH", content_type, version, len(payload)) + payload
-
-
-class RawTLS12Client:
+class RawTLS12Client(Framing):
     """One TLS 1.2 connection's client side, sans I/O (module docstring)."""
 
     version = "TLSv1.2"
 
     def __init__(self, client_random: bytes) -> None:
+        super().__init__()
         assert len(client_random) == 32
         self.client_random = client_random
         self._key = X25519PrivateKey.generate()
         self._transcript = b""
-        self._buffer = b""
-        self._handshake_bytes = b""
         self._server_random = b""
         self._server_public = b""
         self.master_secret = b""
@@ -88,59 +72,41 @@ class RawTLS12Client:
     def client_hello(self) -> bytes:
         extensions = b"".join(
             (
-                _extension(10, _vector(2, struct.pack("!H", X25519))),  # supported_groups
-                _extension(11, _vector(1, b"\x00")),  # ec_point_formats: uncompressed
-                _extension(13, _vector(2, struct.pack("!3H", 0x0804, 0x0401, 0x0501))),  # signature_algorithms
-                _extension(0xFF01, _vector(1, b"")),  # renegotiation_info (RFC 5746), initial handshake
+                extension(10, vector(2, struct.pack("!H", X25519))),  # supported_groups
+                extension(11, vector(1, b"\x00")),  # ec_point_formats: uncompressed
+                extension(13, vector(2, struct.pack("!3H", 0x0804, 0x0401, 0x0501))),  # signature_algorithms
+                extension(0xFF01, vector(1, b"")),  # renegotiation_info (RFC 5746), initial handshake
             )
         )
         body = (
             struct.pack("!H", TLS12)
             + self.client_random
-            + _vector(1, b"")
-            + _vector(2, struct.pack("!H", ECDHE_RSA_AES128_GCM_SHA256))
-            + _vector(1, b"\x00")
-            + _vector(2, extensions)
+            + vector(1, b"")
+            + vector(2, struct.pack("!H", ECDHE_RSA_AES128_GCM_SHA256))
+            + vector(1, b"\x00")
+            + vector(2, extensions)
         )
-        message = _handshake_message(CLIENT_HELLO, body)
+        message = handshake_message(CLIENT_HELLO, body)
         self._transcript += message
-        return _record(HANDSHAKE, message, version=0x0301)
+        return record(HANDSHAKE, message, version=0x0301)
 
-    def receive(self, data: bytes) -> None:
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        self._buffer += data
-        while len(self._buffer) >= 5:
-            length = int.from_bytes(self._buffer[3:5], "big")
-            if len(self._buffer) < 5 + length:
-                return
-            record, self._buffer = self._buffer[: 5 + length], self._buffer[5 + length :]
-            self._record(record)
-
-    def _record(self, record: bytes) -> None:
-        content_type = record[0]
+    def _record(self, whole: bytes) -> None:
+        content_type = whole[0]
         if content_type == CHANGE_CIPHER_SPEC:
             self._server_encrypting = True
             return
         if self._server_encrypting:
             assert self._server_write is not None
-            opened = self._server_write.open(record)  # InvalidTag if the server's keys are not ours
+            opened = self._server_write.open(whole)  # InvalidTag if the server's keys are not ours
             content_type, payload = opened.content_type, opened.plaintext
         else:
-            payload = record[5:]
+            payload = whole[5:]
         if content_type == ALERT:
             self.alerts.append(payload)
         elif content_type == APPLICATION_DATA:
             self.application_data += payload
         elif content_type == HANDSHAKE:
-            self._handshake_bytes += payload
-            while len(self._handshake_bytes) >= 4:
-                length = int.from_bytes(self._handshake_bytes[1:4], "big")
-                if len(self._handshake_bytes) < 4 + length:
-                    return
-                message = self._handshake_bytes[: 4 + length]
-                self._handshake_bytes = self._handshake_bytes[4 + length :]
-                self._message(message)
+            self._handshake_fragment(payload)
 
     def _message(self, message: bytes) -> None:
         kind, body = message[0], message[4:]
@@ -166,7 +132,7 @@ class RawTLS12Client:
         """ClientKeyExchange, ChangeCipherSpec and our Finished (record 0 under our write key)."""
         assert self.flight_done
         public = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        key_exchange = _handshake_message(CLIENT_KEY_EXCHANGE, _vector(1, public))
+        key_exchange = handshake_message(CLIENT_KEY_EXCHANGE, vector(1, public))
         self._transcript += key_exchange
         shared = self._key.exchange(X25519PublicKey.from_public_bytes(self._server_public))
         self.master_secret = prf(shared, b"master secret", self.client_random + self._server_random, 48)
@@ -176,11 +142,11 @@ class RawTLS12Client:
         )
         self._server_write = RecordProtection(AES_GCM_128, TLS12, block[16:32], block[36:40], 0)
         verify = prf(self.master_secret, b"client finished", hashlib.sha256(self._transcript).digest(), 12)
-        finished = _handshake_message(FINISHED, verify)
+        finished = handshake_message(FINISHED, verify)
         self._transcript += finished
         return (
-            _record(HANDSHAKE, key_exchange)
-            + _record(CHANGE_CIPHER_SPEC, b"\x01")
+            record(HANDSHAKE, key_exchange)
+            + record(CHANGE_CIPHER_SPEC, b"\x01")
             + self._client_write.seal(HANDSHAKE, finished)
         )
 

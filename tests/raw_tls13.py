@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from raw_framing import Framing, extension, handshake_message, record, vector
 from reference_tls import TLS12, TLS13, RecordProtection
 
 AES_GCM_128 = 51  # the reference layer's cipher id (include/uapi/linux/tls.h)
@@ -59,33 +60,16 @@ def protection(secret: bytes) -> RecordProtection:
     return RecordProtection(AES_GCM_128, TLS13, key, iv, 0)
 
 
-def _vector(width: int, data: bytes) -> bytes:
-    return len(data).to_bytes(width, "big") + data
-
-
-def _extension(kind: int, data: bytes) -> bytes:
-    return struct.pack("!H", kind) + _vector(2, data)
-
-
-def _handshake_message(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _vector(3, body)
-
-
-def _record(content_type: int, payload: bytes, version: int = TLS12) -> bytes:
-    return struct.pack("!BHH", content_type, version, len(payload)) + payload
-
-
-class RawTLS13Client:
+class RawTLS13Client(Framing):
     """One TLS 1.3 connection's client side, sans I/O (module docstring)."""
 
     def __init__(self, client_random: bytes, server_name: str = "localhost") -> None:
+        super().__init__()
         assert len(client_random) == 32
         self.client_random = client_random
         self._server_name = server_name.encode()
         self._key = X25519PrivateKey.generate()
         self._transcript = b""
-        self._buffer = b""
-        self._handshake_bytes = b""
         self._server_hs: RecordProtection | None = None
         self._client_hs_secret = b""
         self._server_hs_secret = b""
@@ -114,67 +98,45 @@ class RawTLS13Client:
         public = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         extensions = b"".join(
             (
-                _extension(0, _vector(2, b"\x00" + _vector(2, self._server_name))),  # server_name
-                _extension(10, _vector(2, struct.pack("!H", X25519))),  # supported_groups
-                _extension(13, _vector(2, struct.pack("!6H", 0x0804, 0x0805, 0x0806, 0x0403, 0x0503, 0x0401))),
-                _extension(43, _vector(1, struct.pack("!H", TLS13))),  # supported_versions
-                _extension(51, _vector(2, struct.pack("!H", X25519) + _vector(2, public))),  # key_share
+                extension(0, vector(2, b"\x00" + vector(2, self._server_name))),  # server_name
+                extension(10, vector(2, struct.pack("!H", X25519))),  # supported_groups
+                extension(13, vector(2, struct.pack("!6H", 0x0804, 0x0805, 0x0806, 0x0403, 0x0503, 0x0401))),
+                extension(43, vector(1, struct.pack("!H", TLS13))),  # supported_versions
+                extension(51, vector(2, struct.pack("!H", X25519) + vector(2, public))),  # key_share
             )
         )
         body = (
             struct.pack("!H", TLS12)
             + self.client_random
-            + _vector(1, os.urandom(32))  # legacy_session_id (middlebox compatibility)
-            + _vector(2, struct.pack("!H", TLS_AES_128_GCM_SHA256))
-            + _vector(1, b"\x00")
-            + _vector(2, extensions)
+            + vector(1, os.urandom(32))  # legacy_session_id (middlebox compatibility)
+            + vector(2, struct.pack("!H", TLS_AES_128_GCM_SHA256))
+            + vector(1, b"\x00")
+            + vector(2, extensions)
         )
-        message = _handshake_message(CLIENT_HELLO, body)
+        message = handshake_message(CLIENT_HELLO, body)
         self._transcript += message
-        return _record(HANDSHAKE, message, version=0x0301)
+        return record(HANDSHAKE, message, version=0x0301)
 
-    def receive(self, data: bytes) -> None:
-        """Bytes from the server: records are processed as they complete."""
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        self._buffer += data
-        while len(self._buffer) >= 5:
-            length = int.from_bytes(self._buffer[3:5], "big")
-            if len(self._buffer) < 5 + length:
-                return
-            record, self._buffer = self._buffer[: 5 + length], self._buffer[5 + length :]
-            self._record(record)
-
-    def _record(self, record: bytes) -> None:
-        content_type = record[0]
+    def _record(self, whole: bytes) -> None:
+        content_type = whole[0]
         if content_type == CHANGE_CIPHER_SPEC:
             return
         if content_type == ALERT:
-            self.alerts.append(record[5:])
+            self.alerts.append(whole[5:])
             return
         if content_type == HANDSHAKE:
-            self._handshake_messages(record[5:], encrypted=False)
+            self._handshake_fragment(whole[5:])
             return
         assert content_type == APPLICATION_DATA, f"unexpected record type {content_type}"
         protection = self.server_app if self.server_finished else self._server_hs
         assert protection is not None, "a protected record before the ServerHello"
-        opened = protection.open(record)  # raises InvalidTag if the server used keys not derived from ours
+        opened = protection.open(whole)  # raises InvalidTag if the server used keys not derived from ours
         if opened.content_type == HANDSHAKE:
-            self._handshake_messages(opened.plaintext, encrypted=True)
+            self._handshake_fragment(opened.plaintext)
         elif opened.content_type == APPLICATION_DATA:
             self.application_data += opened.plaintext
         elif opened.content_type == ALERT:
             self.alerts.append(opened.plaintext)
-
-    def _handshake_messages(self, fragment: bytes, *, encrypted: bool) -> None:
-        self._handshake_bytes += fragment
-        while len(self._handshake_bytes) >= 4:
-            length = int.from_bytes(self._handshake_bytes[1:4], "big")
-            if len(self._handshake_bytes) < 4 + length:
-                return
-            message = self._handshake_bytes[: 4 + length]
-            self._handshake_bytes = self._handshake_bytes[4 + length :]
-            self._message(message)
 
     def _message(self, message: bytes) -> None:
         kind = message[0]
@@ -230,9 +192,9 @@ class RawTLS13Client:
         assert self.server_finished
         finished_key = hkdf_expand_label(self._client_hs_secret, b"finished", b"", 32)
         verify = hmac.digest(finished_key, hashlib.sha256(self._transcript).digest(), "sha256")
-        message = _handshake_message(FINISHED, verify)
+        message = handshake_message(FINISHED, verify)
         self._transcript += message
-        return _record(CHANGE_CIPHER_SPEC, b"\x01") + protection(self._client_hs_secret).seal(HANDSHAKE, message)
+        return record(CHANGE_CIPHER_SPEC, b"\x01") + protection(self._client_hs_secret).seal(HANDSHAKE, message)
 
     def seal(self, data: bytes) -> bytes:
         assert self.client_app is not None

@@ -85,12 +85,11 @@ class _Recorder:
         self.errors: list[BaseException] = []
 
 
-class BlockingServer(_Recorder):
-    """``ktls.wrap_socket`` in a thread per connection."""
+class _ThreadedServer(_Recorder):
+    """A listening socket, and a thread per accepted connection running :meth:`_handle`."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         super().__init__(context)
-        self._context = context
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -103,16 +102,23 @@ class BlockingServer(_Recorder):
                 threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+class BlockingServer(_ThreadedServer):
+    """``ktls.wrap_socket`` in a thread per connection."""
+
+    def _handle(self, conn: socket.socket) -> None:
         try:
-            with ktls.wrap_socket(conn, self._context, server_side=True) as stream:
+            with ktls.wrap_socket(conn, self.context, server_side=True) as stream:
                 request = stream.recv(100)
                 self.outcomes[request] = Outcome(stream.kernel_tx and stream.kernel_rx, stream.fallback_reason)
                 stream.sendall(b"answer:" + request)
         except (OSError, ssl.SSLError) as exc:
             self.errors.append(exc)
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 class AsyncioServer(_Recorder):
@@ -155,24 +161,13 @@ class AsyncioServer(_Recorder):
         self._thread.join(TIMEOUT)
 
 
-class HostServer(_Recorder):
+class HostServer(_ThreadedServer):
     """The hand-off without a kernel: our handshake driver, the claim and the proof (``proven_secrets``);
     userspace TLS (OpenSSL) carries the data. Records which secrets the server would have given the kernel."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        super().__init__(context)
-        self._context = context
         self._capture = KeylogCapture.for_context(context)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self._listener.accept()
-                conn.settimeout(TIMEOUT)
-                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        super().__init__(context)
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -180,7 +175,7 @@ class HostServer(_Recorder):
                 secrets: dict[str, bytes] | None = None
                 reason = None
                 with self._capture.handshake() as claim:  # the claim ends with the hand-off, as in wrap_socket
-                    handshake = Handshake(self._context, server_side=True, on_client_random=claim.bind)
+                    handshake = Handshake(self.context, server_side=True, on_client_random=claim.bind)
                     _drive_handshake(conn, handshake)
                     try:
                         proven = proven_secrets(handshake, claim, server_side=True)
@@ -196,9 +191,6 @@ class HostServer(_Recorder):
                 conn.sendall(handshake.outgoing.read())
         except (OSError, ssl.SSLError) as exc:
             self.errors.append(exc)
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def _userspace_read(conn: socket.socket, handshake: Handshake) -> bytes:

@@ -132,26 +132,23 @@ def wrap_socket(
     capture, reason = handoff.begin(context, require_kernel=require_kernel)
     keys: ConnectionKeys | None = None
     result: HandshakeResult | None = None
-    if capture is None:
-        handshake = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
+    with capture.handshake() if capture is not None else contextlib.nullcontext() as claim:
+        handshake = Handshake(
+            context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+            on_client_random=claim.bind if claim is not None else None,
+        )
         _drive_handshake(sock, handshake)
-    else:
-        with capture.handshake() as claim:
-            handshake = Handshake(
-                context,
-                server_side=server_side,
-                server_hostname=server_hostname,
-                session=session,
-                on_client_random=claim.bind,
-            )
-            _drive_handshake(sock, handshake)
-            try:
+        try:
+            if claim is not None:
                 keys, result = handoff.derive_keys(handshake, claim, server_side=server_side)
-            except KernelTLSUnavailable as exc:
-                if require_kernel:
-                    sock.close()
-                    raise
-                reason = str(exc)
+        except KernelTLSUnavailable as exc:
+            if require_kernel:
+                sock.close()
+                raise
+            reason = str(exc)
     stream = Stream(
         sock,
         handshake,

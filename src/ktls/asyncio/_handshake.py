@@ -10,6 +10,7 @@ own (60 s by default, ``ConnectionAbortedError`` when it runs out).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import socket
@@ -126,25 +127,22 @@ async def handshake(
     keys: ConnectionKeys | None = None
     result: HandshakeResult | None = None
     try:
-        if capture is None:
-            hs = Handshake(context, server_side=server_side, server_hostname=server_hostname, session=session)
+        with capture.handshake() if capture is not None else contextlib.nullcontext() as claim:
+            hs = Handshake(
+                context,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                session=session,
+                on_client_random=claim.bind if claim is not None else None,
+            )
             await asyncio.wait_for(_drive(loop, sock, hs), timeout)
-        else:
-            with capture.handshake() as claim:
-                hs = Handshake(
-                    context,
-                    server_side=server_side,
-                    server_hostname=server_hostname,
-                    session=session,
-                    on_client_random=claim.bind,
-                )
-                await asyncio.wait_for(_drive(loop, sock, hs), timeout)
-                try:
+            try:
+                if claim is not None:
                     keys, result = handoff.derive_keys(hs, claim, server_side=server_side)
-                except KernelTLSUnavailable as exc:
-                    if require_kernel:
-                        raise
-                    reason = str(exc)
+            except KernelTLSUnavailable as exc:
+                if require_kernel:
+                    raise
+                reason = str(exc)
     except asyncio.TimeoutError:
         raise ConnectionAbortedError(
             f"SSL handshake is taking longer than {timeout} seconds: aborting the connection"
