@@ -30,6 +30,30 @@ def test_check_on_a_kernel_without_ktls_says_so() -> None:
     assert code == 1
     assert "CONFIG_TLS" in text
     assert "'tls' module" in text
+    assert text.rstrip().splitlines()[-2].startswith("fix: ") or text.rstrip().splitlines()[-1].startswith("fix: ")
+
+
+@pytest.mark.parametrize(
+    ("module", "config", "expected"),
+    [
+        (True, None, "fix: sudo modprobe tls   (the module is installed"),
+        (False, "# CONFIG_TLS is not set\n", "fix: none for this kernel"),
+        (False, "CONFIG_TLS=m\n", "fix: sudo modprobe tls   (if this kernel"),
+        (False, None, "fix: sudo modprobe tls   (if this kernel"),
+    ],
+)
+def test_check_names_the_fix(tmp_path: Path, module: bool, config: str | None, expected: str) -> None:
+    """``ktls check`` ends with the one command that would fix a fixable kernel, or says none can."""
+    from ktls.cli import _kernel_fix
+
+    release = "9.9.9-test"
+    if module:
+        (tmp_path / "lib" / "modules" / release / "kernel" / "net" / "tls").mkdir(parents=True)
+        (tmp_path / "lib" / "modules" / release / "kernel" / "net" / "tls" / "tls.ko.xz").write_bytes(b"")
+    if config is not None:
+        (tmp_path / "boot").mkdir()
+        (tmp_path / "boot" / f"config-{release}").write_text(config)
+    assert _kernel_fix(release, tmp_path).startswith(expected)
     code, text = run("check", "--json")
     assert code == 1
     assert json.loads(text)["available"] is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import logging
 import sys
@@ -26,6 +27,33 @@ _NO_KTLS_HELP = (
 )
 
 
+def _kernel_fix(release: str, root: Path = Path("/")) -> str:
+    """The one thing that would give this kernel kTLS, from what the system (under ``root``) shows: the
+    ``tls`` module on disk (load it), or a kernel configuration without ``CONFIG_TLS`` (no command helps)."""
+    if any((root / "lib" / "modules" / release / "kernel" / "net" / "tls").glob("tls.ko*")):
+        return "fix: sudo modprobe tls   (the module is installed but not loaded)"
+    config = _kernel_config(release, root)
+    if config is not None and "# CONFIG_TLS is not set" in config:
+        return (
+            "fix: none for this kernel — it is built without CONFIG_TLS; boot a kernel built with it\n"
+            "     (Debian's and Ubuntu's generic kernels are; kTLS needs Linux ≥ 4.13, TLS 1.3 ≥ 5.1)"
+        )
+    return "fix: sudo modprobe tls   (if this kernel ships the module; else a kernel with CONFIG_TLS)"
+
+
+def _kernel_config(release: str, root: Path) -> str | None:
+    """The running kernel's build configuration (``/boot/config-<release>`` or ``/proc/config.gz``), if shown."""
+    try:
+        return (root / "boot" / f"config-{release}").read_text(errors="replace")
+    except OSError:
+        pass
+    try:
+        with gzip.open(root / "proc" / "config.gz", "rt", errors="replace") as config:
+            return config.read()
+    except OSError:
+        return None
+
+
 def _mark(ok: bool) -> str:
     return "yes" if ok else "no"
 
@@ -34,6 +62,7 @@ def _print_check(support: KernelSupport, stat: dict[str, int] | None, out: TextI
     print(f"kernel: {support.kernel_release}", file=out)
     if not support.ulp:
         print(_NO_KTLS_HELP.format(reason=support.ulp_error), file=out)
+        print(_kernel_fix(support.kernel_release), file=out)
         return
     print("TLS upper-layer protocol: yes", file=out)
     print("", file=out)
