@@ -68,8 +68,8 @@ log = logging.getLogger("ktls")
 #: when requested, a KeyUpdate of ours: a peer sending nothing else is flooding us (RFC 8446 sets no limit;
 #: this mirrors the caps TLS stacks apply to post-handshake messages).
 MAX_KEY_UPDATES_WITHOUT_DATA = 32
-#: TLS 1.2 warning alerts accepted in a row with no application data between them; the next is fatal
-#: (unexpected_message). RFC 5246 sets no limit; OpenSSL's record layer stops at the same count
+#: Warning alerts (TLS 1.2's; TLS 1.3's user_canceled) accepted in a row with no application data between
+#: them; the next is fatal (unexpected_message). RFC 5246 sets no limit; OpenSSL's record layer stops at the same count
 #: (``MAX_WARN_ALERT_COUNT`` = 5, "too many warn alerts"): a peer sending nothing else is flooding us.
 MAX_WARNING_ALERTS_WITHOUT_DATA = 5
 #: Largest post-handshake message we buffer across records. NewSessionTicket is the only large one: its
@@ -200,31 +200,34 @@ class ControlRecords:
             return actions
         if self.version is TLSVersion.TLS1_3:
             if description == AlertDescription.user_canceled:
-                # RFC 8446 §6.1: user_canceled is followed by close_notify; nothing to do yet.
-                return []
+                # RFC 8446 §6.1: user_canceled is followed by close_notify; nothing to do yet — within the
+                # same bound as TLS 1.2's warnings (OpenSSL counts it there too).
+                return self._warning(description)
             # RFC 8446 §6: "all alerts besides close_notify and user_canceled are fatal, whatever the level".
             return self._received_fatal(description)
         if level == AlertLevel.WARNING:
-            # RFC 5246 §7.2.2: after a warning "generally the connection can continue normally" — within a
-            # bound (MAX_WARNING_ALERTS_WITHOUT_DATA), and logged at WARNING once per connection, not per alert.
-            self.warning_alerts_received += 1
-            self.warning_alerts_since_data += 1
-            self.control_since_data += 1
-            if self.warning_alerts_since_data > MAX_WARNING_ALERTS_WITHOUT_DATA:
-                return self._abort(
-                    AlertDescription.unexpected_message,
-                    f"more than {MAX_WARNING_ALERTS_WITHOUT_DATA} warning alerts without application data",
-                )
-            first = self.warning_alerts_received == 1
-            log.log(
-                logging.WARNING if first else logging.DEBUG,
-                "peer sent a TLS warning alert: %s",
-                _alert_name(description),
-            )
-            return []
+            # RFC 5246 §7.2.2: after a warning "generally the connection can continue normally".
+            return self._warning(description)
         if level == AlertLevel.FATAL:
             return self._received_fatal(description)
         return self._abort(AlertDescription.illegal_parameter, f"alert with unknown level {level}")
+
+    def _warning(self, description: int) -> list[Action]:
+        """A warning alert we go on after — within a bound (MAX_WARNING_ALERTS_WITHOUT_DATA), and logged at
+        WARNING once per connection, not per alert."""
+        self.warning_alerts_received += 1
+        self.warning_alerts_since_data += 1
+        self.control_since_data += 1
+        if self.warning_alerts_since_data > MAX_WARNING_ALERTS_WITHOUT_DATA:
+            return self._abort(
+                AlertDescription.unexpected_message,
+                f"more than {MAX_WARNING_ALERTS_WITHOUT_DATA} warning alerts without application data",
+            )
+        first = self.warning_alerts_received == 1
+        log.log(
+            logging.WARNING if first else logging.DEBUG, "peer sent a TLS warning alert: %s", _alert_name(description)
+        )
+        return []
 
     def _received_fatal(self, description: int) -> list[Action]:
         # RFC 8446 §6.2: on a fatal alert, close the connection; no alert goes back.

@@ -41,6 +41,7 @@ import ssl
 from collections.abc import Callable
 
 from .constants import RECORD_HEADER_SIZE, ContentType, HandshakeType, TLSVersion
+from .errors import KernelTLSUnavailable
 from .tls.proof import HandshakeEvidence
 from .tls.records import HANDSHAKE_HEADER_SIZE, RecordReader, whole_records_length
 from .tls.suites import suite_by_openssl_name
@@ -69,7 +70,7 @@ HELLO_RETRY_REQUEST_RANDOM = bytes.fromhex("CF21AD74E59A6111BE1D8C021E65B891C2A2
 #: Protected records kept per direction as evidence for :mod:`ktls.tls.proof`. A handshake protects a handful
 #: (TLS 1.3 server: EncryptedExtensions … Finished, then its tickets; TLS 1.2: one Finished each way); the
 #: bound only stops a peer that sends many (e.g. rejected early data) from making us keep them all.
-MAX_EVIDENCE_RECORDS = 16
+MAX_EVIDENCE_RECORDS = 64
 
 _HELLO_BODY_PREFIX = 2 + 32  # legacy_version, random (RFC 8446 §4.1.2, RFC 5246 §7.4.1.2)
 
@@ -119,8 +120,9 @@ class _HelloReader:
     def _message_ended(self) -> None:
         if self._is_hello:
             body = bytes(self._buffer[HANDSHAKE_HEADER_SIZE:])
-            # A hello too short to hold a random, or not TLS: OpenSSL refuses it with the right alert.
-            if len(body) >= _HELLO_BODY_PREFIX and body[0] == 3 and len(self.randoms) < 2:
+            # Too short to hold a random: OpenSSL refuses it. legacy_version is not checked: OpenSSL ignores it
+            # when supported_versions is there, and a random we skipped would be one we never bind.
+            if len(body) >= _HELLO_BODY_PREFIX and len(self.randoms) < 2:
                 self.randoms.append(body[2:_HELLO_BODY_PREFIX])
         self._buffer.clear()
         self._is_hello = False
@@ -261,6 +263,12 @@ class Handshake:
         if not self.can_offer:
             raise RuntimeError("offer() needs every earlier record accounted for")
         end = whole_records_length(data)
+        if end and self.server_side and not self._sent.hello_randoms:
+            # Before our first ServerHello (or HelloRetryRequest) one record at a time: a client that pipelines
+            # ClientHello, ChangeCipherSpec and a second ClientHello must not have OpenSSL read the second in
+            # the same step as the first, before the HelloRetryRequest that makes us read it as a hello —
+            # OpenSSL would log secrets under a random never bound to our claim.
+            end = whole_records_length(data, max_records=1)
         if end:
             self._offered = data[:end]
             # Scanned now, before OpenSSL reads them, so a ClientHello's random is bound before any secret is
@@ -352,7 +360,7 @@ class Handshake:
         server_hellos = (self._sent if self.server_side else self._received).hello_randoms
         real_server_hellos = [random for random in server_hellos if random != HELLO_RETRY_REQUEST_RANDOM]
         if not client_hellos or not real_server_hellos:
-            raise ssl.SSLError("could not read the hello randoms of this handshake")
+            raise KernelTLSUnavailable(None, "could not read the hello randoms of this handshake")
         client_random, server_random = client_hellos[0], real_server_hellos[0]
         if version is TLSVersion.TLS1_3:
             tx_seq = self.last_step_records if self.server_side else 0

@@ -69,7 +69,7 @@ from ..control import (
     WriteClosed,
 )
 from ..deferred import deferred_record
-from ..errors import KernelTLSFailure, KernelTLSUnavailable, KTLSError, RecordError
+from ..errors import KernelTLSFailure, KernelTLSUnavailable, KTLSError, RecordError, StreamClosed
 from ..kernel import syscalls
 from ..kernel.uapi import CryptoInfo, Direction
 from ..sendbudget import SendBudget
@@ -646,6 +646,9 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
             raise RuntimeError("unable to write; sendfile is in progress")
         if not data:
             return
+        if self._control.write_closed_reason is not None and not self._lost:
+            # Not the application's close: the send key is spent and cannot be replaced. Say so, loudly.
+            raise StreamClosed(self._control.write_closed_reason)
         if self._lost or self._closing or self._control.write_closed:
             if self._lost_writes >= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 log.warning("ktls transport: write() after the connection was closed")

@@ -66,6 +66,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
 _FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB (RFC 9110 §5.5)
 _ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*")  # RFC 9112 §3.2.1, printable ASCII only (RFC 3986)
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+_RANGE_BOUND = re.compile(r"[0-9]{0,18}")
 _NO_BODY_STATUSES = frozenset({204, 304})  # and 1xx, which we never send
 
 
@@ -307,8 +308,8 @@ def _byte_range(request: Request, size: int, etag: str, last_modified: str) -> t
     if "," in spec:
         return None  # several ranges: answering with the whole file is allowed (RFC 9110 §14.2)
     first, sep, last = spec.partition("-")
-    if not sep or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
-        return None
+    if not sep or not _RANGE_BOUND.fullmatch(first) or not _RANGE_BOUND.fullmatch(last):
+        return None  # str.isdigit() would take "²": only ASCII digits are a byte position (RFC 9110 §14.1.1)
     if first == "":
         if last == "" or int(last) <= 0:
             return "unsatisfiable"

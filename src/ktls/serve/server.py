@@ -128,6 +128,10 @@ class _Connection:
             self.writer.transport.abort()
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             log.info("%s: %s", self.peer, printable(str(exc)))
+        except Exception:
+            # A bug of ours, not the client's: logged once with its traceback, and this connection cut.
+            log.exception("%s: internal error; connection closed", self.peer)
+            self.writer.transport.abort()
         finally:
             self.writer.close()
 
@@ -221,6 +225,7 @@ class _Connection:
             return True, response.body_length
         region = response.file
         self.writer.write(head)
+        await asyncio.wait_for(self.writer.drain(), timeout)  # bounded even when the body is empty
         sent = 0
         with open(region.fd, "rb", closefd=False) as file:  # the response owns the descriptor
             while sent < region.length:

@@ -148,7 +148,10 @@ def _prove_tls13(
         raise SecretsNotProven("our handshake traffic secret does not open the first record we sent")
     if not _opens(suite, traffic_key_and_iv(bytes(theirs), suite), evidence.received):
         raise SecretsNotProven("the peer's handshake traffic secret opens none of the records it sent")
-    if evidence.first_ticket is not None and evidence.first_ticket < len(evidence.sent):
+    if evidence.first_ticket is not None:
+        if evidence.first_ticket >= len(evidence.sent):
+            # More records than the evidence keeps came before the ticket: fail closed, never skip the check.
+            raise SecretsNotProven("our first session ticket came after more records than ktls keeps as evidence")
         application = secrets.get(
             KeylogLabel.SERVER_TRAFFIC_SECRET_0 if server_side else KeylogLabel.CLIENT_TRAFFIC_SECRET_0
         )

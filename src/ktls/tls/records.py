@@ -106,11 +106,15 @@ def parse_record_header(data: _Bytes, *, max_length: int = MAX_CIPHERTEXT_TLS12)
     return RecordHeader(content_type, major << 8 | minor, length)
 
 
-def whole_records_length(data: _Bytes, *, max_length: int = MAX_CIPHERTEXT_TLS12) -> int:
-    """How many bytes at the start of ``data`` are whole records (0: not even one). Each header is checked
-    as :func:`parse_record_header` does, with its errors."""
+def whole_records_length(
+    data: _Bytes, *, max_length: int = MAX_CIPHERTEXT_TLS12, max_records: int | None = None
+) -> int:
+    """How many bytes at the start of ``data`` are whole records (0: not even one), counting at most
+    ``max_records`` of them. Each header is checked as :func:`parse_record_header` does, with its errors."""
     end = 0
-    while len(data) - end >= RECORD_HEADER_SIZE:
+    records = 0
+    while len(data) - end >= RECORD_HEADER_SIZE and (max_records is None or records < max_records):
+        records += 1
         header = parse_record_header(data[end : end + RECORD_HEADER_SIZE], max_length=max_length)
         if len(data) - end - RECORD_HEADER_SIZE < header.length:
             break
