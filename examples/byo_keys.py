@@ -21,6 +21,14 @@ from ktls.tls.keylog import KeylogLabel, iter_keylog
 from ktls.tls.suites import suite_by_openssl_name
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one TCP connection over the loopback interface."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
 def main() -> int:
     certificate = load_default_certificate()
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -33,7 +41,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         keylog = Path(scratch) / "keylog"
         client_ctx.keylog_filename = str(keylog)  # the "other library" exports its secrets
-        ours, theirs = socket.socketpair()
+        ours, theirs = tcp_pair()  # kernel TLS is a TCP upper layer: a socketpair() (AF_UNIX) cannot take it
+        ours.settimeout(30)
+        theirs.settimeout(30)
         answers: list[bytes] = []
 
         def peer() -> None:  # a stock TLS server
@@ -41,7 +51,7 @@ def main() -> int:
                 answers.append(tls.recv(100))
                 tls.sendall(b"hello from the peer")
 
-        thread = threading.Thread(target=peer)
+        thread = threading.Thread(target=peer, daemon=True)  # never keeps the program alive after an error
         thread.start()
         # The handshake with a plain memory-BIO SSLObject, which never reads past the handshake's last record.
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -65,7 +75,7 @@ def main() -> int:
     with Stream.from_keys(ours, keys, server_side=False, tx_seq=0, rx_seq=0) as stream:
         stream.sendall(b"hello from the kernel")
         reply = stream.recv(100)
-    thread.join()
+    thread.join(30)
     print(f"sent {answers[0]!r}, received {reply!r}, both through the kernel ({cipher[0]})")
     return 0 if reply == b"hello from the peer" else 1
 

@@ -49,7 +49,9 @@ def kernel_sent() -> int:
 
 
 def curl(url: str) -> bytes:
-    result = subprocess.run(["curl", "-sS", "--insecure", "--max-time", "120", url], capture_output=True, check=True)
+    result = subprocess.run(
+        ["curl", "-sS", "--insecure", "--max-time", "120", url], capture_output=True, check=True, timeout=180
+    )
     return result.stdout
 
 
@@ -125,7 +127,10 @@ def test_https_get(payload: Path, counted: None) -> None:
     try:
         url = f"https://127.0.0.1:{port}/{payload.name}"
         result = subprocess.run(
-            [sys.executable, str(EXAMPLES / "https_get.py"), url, "--insecure"], capture_output=True, check=True
+            [sys.executable, str(EXAMPLES / "https_get.py"), url, "--insecure"],
+            capture_output=True,
+            check=True,
+            timeout=180,
         )
         assert sha256(result.stdout) == sha256(payload.read_bytes())
         assert b"200 OK" in result.stderr
@@ -135,6 +140,7 @@ def test_https_get(payload: Path, counted: None) -> None:
 
 @pytest.mark.kernel
 def test_byo_keys() -> None:
-    result = subprocess.run([sys.executable, str(EXAMPLES / "byo_keys.py")], capture_output=True, check=False)
+    command = [sys.executable, str(EXAMPLES / "byo_keys.py")]
+    result = subprocess.run(command, capture_output=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert b"both through the kernel" in result.stdout
