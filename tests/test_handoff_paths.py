@@ -20,7 +20,7 @@ from certs import CertFiles
 from ktls.handoff import proven_secrets
 from ktls.handshake import Handshake
 from ktls.keylog_capture import KeylogCapture
-from ktls.stream import _drive_handshake
+from ktls.driver import run_handshake as _drive_handshake
 from support import Background, contexts
 
 

@@ -25,7 +25,7 @@ from ktls.handoff import proven_secrets
 from ktls.handshake import Handshake
 from ktls.keylog_capture import KeylogCapture
 from ktls.serve.http import parse_request, respond
-from ktls.stream import _drive_handshake
+from ktls.driver import run_handshake as _drive_handshake
 from raw_framing import extension, handshake_message, record, vector
 from raw_tls13 import RawTLS13Client
 from support import free_port, wait_for_port

@@ -42,7 +42,7 @@ from ktls.errors import KernelTLSUnavailable
 from ktls.handoff import proven_secrets
 from ktls.handshake import Handshake
 from ktls.keylog_capture import KeylogCapture
-from ktls.stream import _drive_handshake
+from ktls.driver import run_handshake as _drive_handshake
 from ktls.tls.keylog import KeylogLabel
 from raw_tls12 import RawTLS12Client
 from raw_tls13 import RawTLS13Client
