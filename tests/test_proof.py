@@ -22,11 +22,11 @@ import pytest
 
 from certs import CertFiles
 from ktls.constants import TLSVersion
+from ktls.driver import run_handshake as _drive_handshake
 from ktls.errors import KernelTLSUnavailable
 from ktls.handoff import proven_secrets
 from ktls.handshake import Handshake, HandshakeResult
 from ktls.keylog_capture import KeylogCapture, SecretClaim
-from ktls.driver import run_handshake as _drive_handshake
 from ktls.tls.keylog import ConnectionSecrets, KeylogLabel, Secret
 from ktls.tls.proof import HandshakeEvidence, SecretsNotProven, prove_secrets
 from ktls.tls.suites import CipherSuite, suite_by_name, suite_by_openssl_name

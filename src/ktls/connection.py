@@ -171,6 +171,11 @@ class Connection:
         return self.control.error
 
     @property
+    def write_closed_reason(self) -> str | None:
+        """Why the write side closed when it was not the application's doing (the send key is spent)."""
+        return self.control.write_closed_reason
+
+    @property
     def record_limit(self) -> int | None:
         """Records sent under one key before it is replaced (TLS 1.3 KeyUpdate, Linux ≥ 6.14) or, where it
         cannot be, before the write side closes with the reason (per cipher: ``handoff.RECORD_LIMITS``, RFC

@@ -15,8 +15,8 @@ Edge cases, each handled where named:
 * **TLS 1.3 client, tickets in flight.** The server's NewSessionTickets follow the handshake. To keep
   ``stream.session`` usable for resumption, a TLS 1.3 client lets OpenSSL read the records after the
   handshake — one at a time, counting them — until the first application record, then hands receive to the
-  kernel at that sequence number (:meth:`ktls.connection.Connection.deferred_record`). A KeyUpdate in that window is recognised by what it says
-  and the hand-off follows the new generation.
+  kernel at that sequence number (:meth:`ktls.connection.Connection.deferred_record`). A KeyUpdate in that
+  window is recognised by what it says, and the hand-off follows the new generation.
 * **Fallback.** When the kernel cannot take over (no ``tls`` ULP, a cipher or version it lacks, e.g. TLS 1.2
   CBC), the stream keeps working in user space over the same ``SSLObject`` and ``fallback_reason`` says why;
   ``require_kernel=True`` raises instead. If the kernel takes the send key but refuses the receive key, the

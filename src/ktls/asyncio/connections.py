@@ -183,7 +183,7 @@ async def create_connection(
         )
     _set_nodelay(sock)
     try:
-        connection = await handshake(
+        tls, connection = await handshake(
             loop,
             sock,
             context,
@@ -197,7 +197,7 @@ async def create_connection(
         sock.close()
         raise
     protocol = protocol_factory()
-    transport = KTLSTransport(loop, connection, protocol, shutdown_timeout=ssl_shutdown_timeout)
+    transport = KTLSTransport(loop, sock, tls, connection, protocol, shutdown_timeout=ssl_shutdown_timeout)
     # connection_made runs before we return, as with asyncio (it was scheduled first).
     waiter = loop.create_future()
     loop.call_soon(_set_result_once, waiter)
@@ -326,7 +326,7 @@ class Server(asyncio.AbstractServer):
 
     async def _serve_connection(self, conn: socket.socket) -> None:
         try:
-            connection = await handshake(
+            tls, connection = await handshake(
                 self._loop,
                 conn,
                 self._context,
@@ -354,7 +354,7 @@ class Server(asyncio.AbstractServer):
                 {"message": "protocol_factory() failed for a kernel-TLS connection", "exception": exc}
             )
             return
-        KTLSTransport(self._loop, connection, protocol, server=self, shutdown_timeout=self._shutdown_timeout)
+        KTLSTransport(self._loop, conn, tls, connection, protocol, server=self, shutdown_timeout=self._shutdown_timeout)
 
     # -- asyncio.AbstractServer -------------------------------------------------------------------------------------
 
