@@ -11,11 +11,12 @@ Theory of operation.
   type, so a read of application data can pull the KeyUpdate behind it into the kernel's queue; from then on
   (Linux ≥ 6.14) ``poll`` hides readability until the new key is set. Each readiness callback therefore reads
   until ``EAGAIN`` (a few reads, then again via ``call_soon``), and turning reading back on reads once at once.
-* **Two other read modes** share the same OpenSSL object: a TLS 1.3 client reads through OpenSSL, one record at
-  a time, until the first application record (:mod:`ktls.deferred`; the server's tickets keep ``session``
-  usable), then hands receive to the kernel; and when the kernel could not take receive (or anything), OpenSSL
-  reads from the socket through its memory BIO — the *userspace fallback*, which is also a complete userspace
-  TLS transport over the ``SSLObject`` the handshake left (asyncio's own ``SSLProtocol`` cannot adopt one).
+* **Two other read modes** share the same OpenSSL object: a TLS 1.3 client reads through OpenSSL, one record at a
+  time, until the first application record (:meth:`ktls.connection.Connection.deferred_record`; the server's tickets
+  keep ``session`` usable), then hands receive to the kernel; and when the kernel could not take receive (or
+  anything), OpenSSL reads from the socket through its memory BIO — the *userspace fallback*, which is also a
+  complete userspace TLS transport over the ``SSLObject`` the handshake left (asyncio's own ``SSLProtocol`` cannot
+  adopt one).
 * **Writing.** With the kernel sending, ``write`` is ``send`` on the socket; what does not fit waits in an
   ordered queue of data, control records (``sendmsg`` + ``TLS_SET_RECORD_TYPE``) and steps (install the next
   send key, ``shutdown(SHUT_WR)``). A KeyUpdate goes to the *front* of the queue (RFC 8446 §4.6.3: before our
@@ -126,6 +127,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         *,
         server: Any = None,
         shutdown_timeout: float | None = None,
+        early_data: bytes = b"",
     ) -> None:
         super().__init__(None, loop)
         self._loop: asyncio.AbstractEventLoop = loop
@@ -142,7 +144,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._buffer: collections.deque[_Item] = collections.deque()
         self._buffer_size = 0
-        self._plaintext = bytearray()  # decrypted, not yet taken by the protocol
+        self._plaintext = bytearray(early_data)  # decrypted, not yet taken by the protocol
         self._paused = False  # pause_reading()
         self._closing = False  # close() or a failure: no more data for the protocol, no more writes
         self._eof_written = False  # write_eof() was called
