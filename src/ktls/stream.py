@@ -383,8 +383,8 @@ class Stream:
         ``EAGAIN`` from a stream with a timeout is the kernel saying the timeout passed (module docstring,
         "Timeouts are the kernel's"); on a non-blocking stream it stays ``BlockingIOError``. A failed kernel
         read is translated (:func:`ktls.kernel.syscalls.raise_receive_error`): a record the kernel refuses is
-        answered with its alert by the control-record state machine, and a TCP reset stays
-        ``ConnectionResetError``, as with ``ssl.SSLSocket``.
+        answered with its alert by the connection, and a TCP reset stays ``ConnectionResetError``, as with
+        ``ssl.SSLSocket`` (the kernel layer passes TCP's errors through).
         """
         if isinstance(exc, BlockingIOError):
             if self._timeout:
@@ -397,10 +397,6 @@ class Stream:
         except RecordError as error:
             self._run(self._connection.receive_failed(error))
             raise  # pragma: no cover - _run raised
-        except KernelTLSFailure as error:
-            if isinstance(error.__cause__, ConnectionError):
-                raise error.__cause__ from None
-            raise
 
     def _wait_for(self, call: Callable[[], _T], *, writing: bool) -> _T:
         """``call()`` on our socket (which waits inside the syscall up to the stream's timeout), its errors
