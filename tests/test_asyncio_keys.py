@@ -72,7 +72,10 @@ async def _exchange(forge: bool, rekey: bool) -> tuple[Hostile, Collect, ktls.as
     if forge:
         await loop.run_in_executor(None, hostile.sock.sendall, b"\x17\x03\x03\x00\x20" + bytes(32))
     else:
+        # close() waits for the peer to end its side too (as asyncio's SSL transport does): it does, cleanly.
         transport.close()
+        await loop.run_in_executor(None, hostile.send, ContentType.ALERT, b"\x01\x00")
+        hostile.sock.shutdown(socket.SHUT_WR)
     await asyncio.wait_for(protocol.lost, TIMEOUT)
     return hostile, protocol, transport
 
