@@ -272,7 +272,7 @@ def test_peer_key_update_mid_stream(support: KernelSupport, rsa_cert: CertFiles)
     assert protocol.lost.result() is None
     assert bytes(protocol.data) == b"hello world"
     assert protocol.transport is not None
-    assert protocol.transport._control.key_updates_received == 1
+    assert protocol.transport.key_updates_received == 1
     assert records[-1] == (ContentType.ALERT, b"\x01\x00"), "our close_notify in answer"
 
 

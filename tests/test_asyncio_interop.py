@@ -209,7 +209,7 @@ def test_peer_key_update_with_s_client(support: KernelSupport, rsa_cert: CertFil
         assert b"KEYUPDATE" in output
         assert b"ack before" in output
         assert b"ack after" in output, output.decode(errors="replace")[-2000:]
-        assert protocol.transport._control.key_updates_received == 1
+        assert protocol.transport.key_updates_received == 1
         assert protocol.lost.result() is None or isinstance(protocol.lost.result(), ConnectionError)
     else:
         error = protocol.lost.result()
@@ -253,6 +253,6 @@ def test_our_key_update_requesting_the_peers(support: KernelSupport, rsa_cert: C
         assert b"ack one" in output
         assert b"ack rekey" in output
         assert b"ack three" in output, output.decode(errors="replace")[-2000:]
-        assert protocol.transport._control.key_updates_received == 1  # the peer's answer
+        assert protocol.transport.key_updates_received == 1  # the peer's answer
     else:
         assert isinstance(protocol.lost.result(), RekeyUnsupported)

@@ -272,8 +272,8 @@ def test_send_key_updated_before_its_usage_limit(support: KernelSupport, rsa_cer
         async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             transport = writer.transport
             assert isinstance(transport, ktls.asyncio.KTLSTransport)
-            assert transport._budget.limit is not None  # AES-GCM: 2^24 records
-            transport._budget.limit = 64
+            assert transport.record_limit is not None  # AES-GCM: 2^24 records
+            transport.record_limit = 64
             for start in range(0, len(payload), 256 * 1024):
                 writer.write(payload[start : start + 256 * 1024])
                 await writer.drain()
@@ -288,7 +288,7 @@ def test_send_key_updated_before_its_usage_limit(support: KernelSupport, rsa_cer
         data = await reader.read()
         transport = writer.transport
         assert isinstance(transport, ktls.asyncio.KTLSTransport)
-        updates = transport._control.key_updates_received
+        updates = transport.key_updates_received
         writer.close()
         await writer.wait_closed()
         server.close()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ktls import TLSVersion
 from ktls.cli import main
+from ktls.constants import TLSVersion
 from ktls.kernel import CIPHERS, CipherType, KernelSupport, probe
 
 RESULTS = Path(__file__).resolve().parent.parent / ".kernel-results"

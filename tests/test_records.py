@@ -13,7 +13,7 @@ from ktls.constants import (
     ContentType,
     HandshakeType,
 )
-from ktls.tls.errors import DecodeError, IllegalParameter, RecordOverflow, TLSProtocolError, UnexpectedMessage
+from ktls.tls.errors import DecodeError, IllegalParameter, RecordOverflowError, TLSProtocolError, UnexpectedMessage
 from ktls.tls.records import (
     HandshakeMessage,
     RecordHeader,
@@ -76,11 +76,11 @@ def test_header(content_type: ContentType, version: int) -> None:
 
 def test_header_length_limits() -> None:
     assert parse_record_header(h("17 03 03") + MAX_CIPHERTEXT_TLS12.to_bytes(2, "big")).length == MAX_CIPHERTEXT_TLS12
-    with pytest.raises(RecordOverflow) as exc:
+    with pytest.raises(RecordOverflowError) as exc:
         parse_record_header(h("17 03 03") + (MAX_CIPHERTEXT_TLS12 + 1).to_bytes(2, "big"))
     assert exc.value.alert is AlertDescription.record_overflow
     tls13 = h("17 03 03") + (MAX_CIPHERTEXT_TLS13 + 1).to_bytes(2, "big")
-    with pytest.raises(RecordOverflow):
+    with pytest.raises(RecordOverflowError):
         parse_record_header(tls13, max_length=MAX_CIPHERTEXT_TLS13)
 
 
@@ -163,9 +163,9 @@ def test_errors_are_sticky() -> None:
     reader.feed(record(23, b"ok") + h("17 03 03") + (MAX_CIPHERTEXT_TLS13 + 1).to_bytes(2, "big"))
     assert reader.next_record() is not None
     for _ in range(2):
-        with pytest.raises(RecordOverflow):
+        with pytest.raises(RecordOverflowError):
             reader.next_record()
-        with pytest.raises(RecordOverflow):
+        with pytest.raises(RecordOverflowError):
             _ = reader.bytes_needed
     buffered = reader.buffered
     reader.feed(b"more bytes after the error are not kept")
@@ -311,7 +311,7 @@ def test_too_little_yet_is_none() -> None:
         (message(1, b"\x02\x00" + b"r" * 40), DecodeError),  # not a TLS legacy_version
         (b"GET / HTTP/1.1\r\n\r\n", UnexpectedMessage),
         (h("16 04 00 00 10"), DecodeError),  # bad record version
-        (record(22, b"x" * 10, 0x0303)[:3] + (2**14 + 1).to_bytes(2, "big"), RecordOverflow),  # plaintext limit
+        (record(22, b"x" * 10, 0x0303)[:3] + (2**14 + 1).to_bytes(2, "big"), RecordOverflowError),  # plaintext limit
     ],
 )
 def test_not_a_client_hello(data: bytes, error: type[TLSProtocolError]) -> None:

@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from certs import CertFiles
 from ktls.constants import AlertDescription, ContentType, TLSVersion
 from ktls.control import MAX_WARNING_ALERTS_WITHOUT_DATA, ControlRecords, Fail, Role, SendAlert
+from ktls.driver import run_handshake as _drive_handshake
 from ktls.handoff import proven_secrets
 from ktls.handshake import Handshake
 from ktls.keylog_capture import KeylogCapture
 from ktls.serve.http import parse_request, respond
-from ktls.stream import _drive_handshake
 from raw_framing import extension, handshake_message, record, vector
 from raw_tls13 import RawTLS13Client
 from support import free_port, wait_for_port

@@ -20,11 +20,11 @@ from collections.abc import Callable
 import pytest
 
 from certs import CertFiles
+from ktls.driver import run_handshake as _drive_handshake
 from ktls.errors import KernelTLSUnavailable
 from ktls.handoff import proven_secrets
 from ktls.handshake import Handshake
 from ktls.keylog_capture import KeylogCapture, SecretClaim
-from ktls.stream import _drive_handshake
 from ktls.tls.keylog import ConnectionSecrets, KeylogEntry, KeylogLabel, KeylogParser, Secret, parse_keylog_line
 from support import contexts
 

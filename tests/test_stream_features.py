@@ -28,6 +28,7 @@ import pytest
 
 import ktls
 from certs import CertFiles
+from ktls.constants import AlertDescription
 from ktls.errors import AlertReceived, KernelTLSUnavailable, RekeyUnsupported, StreamClosed
 from ktls.kernel import KernelSupport, read_tls_stat
 from support import Background, free_port, wait_for_port
@@ -465,7 +466,7 @@ def test_s_client_renegotiation_is_refused(
     assert ">>> TLS 1.2, Alert [length 0002], fatal handshake_failure" in output, output[-3000:]
     error = outcome.get("error")
     assert isinstance(error, AlertReceived), outcome
-    assert error.alert is ktls.AlertDescription.handshake_failure
+    assert error.alert is AlertDescription.handshake_failure
 
 
 # -- sendfile ---------------------------------------------------------------------------------------------

@@ -1,20 +1,22 @@
-"""The exceptions ktls raises.
+"""The exceptions ktls raises, split by whose fault they are (as h11 splits them).
 
-There are two axes, and every class sits on exactly one:
+* **The peer's** (:class:`TLSProtocolError`, with the ``alert`` that was sent or received for it):
+  :class:`PeerMisbehaved` — it broke a rule and we sent it the fatal ``alert``, whether our parser or the
+  kernel found it (:class:`RecordError` and its kinds carry the kernel's ``errno``: a record that failed
+  authentication, was too long, or had a malformed header); :class:`AlertReceived` — it sent one;
+  :class:`RaggedEOF` — its TCP stream ended without close_notify.
+* **The kernel cannot** (:class:`KernelTLSUnavailable`): no ``tls`` ULP, a cipher or TLS version the kernel
+  does not accept, a rekey it cannot do, an optional socket option it does not know. These are the reasons
+  to fall back to userspace TLS; nothing is broken.
+* **The kernel failed** (:class:`KernelTLSFailure`): the socket was in the wrong state for a setting, a
+  read had no room for a record type, a rekey is pending — a bug on our side or an unexpected kernel.
+* **The caller's misuse** (:class:`StreamClosed`: a write after close_notify — never a silent 0;
+  ``ValueError`` for arguments).
 
-* **The kernel cannot do it** (:class:`KernelTLSUnavailable`): no ``tls`` ULP, a cipher or TLS version the
-  kernel does not accept, a rekey the kernel cannot do, an optional socket option it does not know. These
-  are the reasons to fall back to userspace TLS; nothing is broken.
-* **Something failed** (:class:`KernelTLSFailure`): the kernel rejected a record (authentication failure,
-  oversized record, malformed header), a rekey is pending, the socket was in the wrong state. Each record
-  failure names the TLS alert a peer should be sent (``alert``), so the code that catches it knows what to say.
-
-A third family is the TLS conversation itself (:class:`TLSProtocolError`): :class:`PeerMisbehaved` (we sent
-the fatal ``alert`` it names), :class:`AlertReceived` (the peer sent one), :class:`RaggedEOF` (TCP ended
-without close_notify), and :class:`StreamClosed` for writes after close_notify (never a silent 0).
-
-All of them are :class:`OSError` subclasses that keep the kernel's ``errno``, so code that already handles
-socket errors keeps working. Messages say what happened in words; they never contain key material.
+TCP's own errors (``ConnectionResetError``, ``BrokenPipeError``, ``TimeoutError``, ``ENOTCONN``) pass through
+untouched, as with any socket. All of these are :class:`OSError` subclasses that keep the kernel's ``errno``,
+so code that already handles socket errors keeps working. Messages say what happened in words; they never
+contain key material.
 """
 
 from __future__ import annotations
@@ -94,30 +96,6 @@ class KernelTLSConfigError(KernelTLSFailure):
     """Setting up kernel TLS failed for a reason other than a missing feature (e.g. socket not connected)."""
 
 
-class RecordError(KernelTLSFailure):
-    """The kernel refused a received record. ``alert`` is what the peer should be told (RFC 8446 §6.2)."""
-
-    alert: AlertDescription = AlertDescription.internal_error
-
-
-class RecordAuthenticationError(RecordError):
-    """A received record failed AEAD authentication (``EBADMSG``): tampered, truncated, or wrong keys."""
-
-    alert = AlertDescription.bad_record_mac
-
-
-class RecordOverflowError(RecordError):
-    """A received record is longer than TLS allows (``EMSGSIZE``; RFC 8446 §5.2, RFC 5246 §6.2.3)."""
-
-    alert = AlertDescription.record_overflow
-
-
-class RecordHeaderError(RecordError):
-    """A received record header is malformed: wrong legacy version or impossible length (``EINVAL``)."""
-
-    alert = AlertDescription.decode_error
-
-
 class ControlRecordPending(KernelTLSFailure):
     """A non-application record is next and the read had no room for its content type (``EIO``).
 
@@ -143,6 +121,35 @@ class TLSProtocolError(KTLSError):
 
 class PeerMisbehaved(TLSProtocolError):
     """The peer broke a rule of the protocol; we sent it the fatal ``alert`` and closed the connection."""
+
+
+class RecordError(PeerMisbehaved):
+    """A received record broke the record layer's rules — found by the kernel (``errno`` says how it refused
+    it) or by our parser (``errno`` ``None``). ``alert`` is what the peer is told (RFC 8446 §6.2)."""
+
+    alert: AlertDescription = AlertDescription.internal_error
+
+    def __init__(self, err: int | None, message: str) -> None:
+        KTLSError.__init__(self, err, message)
+
+
+class RecordAuthenticationError(RecordError):
+    """A received record failed AEAD authentication (``EBADMSG``): tampered, truncated, or wrong keys."""
+
+    alert = AlertDescription.bad_record_mac
+
+
+class RecordOverflowError(RecordError):
+    """A received record is longer than TLS allows for its kind (the kernel: ``EMSGSIZE``; RFC 8446 §5.1-5.2,
+    RFC 5246 §6.2.3)."""
+
+    alert = AlertDescription.record_overflow
+
+
+class RecordHeaderError(RecordError):
+    """A received record header is malformed: wrong legacy version or impossible length (``EINVAL``)."""
+
+    alert = AlertDescription.decode_error
 
 
 class AlertReceived(TLSProtocolError):

@@ -30,7 +30,7 @@ from .errors import KernelTLSConfigError, KernelTLSUnavailable
 from .handshake import Handshake, HandshakeResult
 from .kernel import syscalls
 from .kernel.probe import KernelSupport, probe
-from .kernel.uapi import CipherType, Direction
+from .kernel.uapi import CipherType, CryptoInfo, Direction
 from .keylog_capture import KeylogCapture, SecretClaim
 from .keys import ConnectionKeys
 from .tls.aead import AuthenticationFailed
@@ -46,6 +46,7 @@ __all__ = [
     "Installed",
     "begin",
     "derive_keys",
+    "give_receive_key",
     "install",
     "install_rx",
     "proven_secrets",
@@ -156,9 +157,11 @@ def install(
     *,
     server_side: bool,
     expect_no_pad: bool = False,
+    defer_client_rx: bool = True,
 ) -> Installed:
     """Attach the ULP and give the kernel the keys (module docstring, step 4). ``expect_no_pad``: see
-    :func:`install_rx`."""
+    :func:`install_rx`. ``defer_client_rx`` false: a TLS 1.3 client's receive key goes to the kernel at once
+    (keys from elsewhere: there is no OpenSSL to read tickets)."""
     support: KernelSupport = probe()
     role = Role.SERVER if server_side else Role.CLIENT
     rekey = support.rekey and keys.can_update
@@ -179,7 +182,7 @@ def install(
         # Counted whether or not the key can be replaced: where it cannot (TLS 1.2, Linux < 6.14), reaching
         # the limit closes the write side instead (ControlRecords.send_key_exhausted).
         installed.record_limit = RECORD_LIMITS.get(cipher.cipher_type)
-    if result.version is TLSVersion.TLS1_3 and role is Role.CLIENT:
+    if result.version is TLSVersion.TLS1_3 and role is Role.CLIENT and defer_client_rx:
         installed.rx_deferred = True
         return installed
     install_rx(sock, keys, result.rx_seq, installed)
@@ -202,18 +205,28 @@ def install_rx(
     if unproven is not None:
         installed.fallback_reason = f"receive stays in user space: {unproven}"
         return
-    try:
-        syscalls.set_crypto_info(sock, Direction.RX, keys.crypto_info(Direction.RX, rx_seq))
-    except (KernelTLSUnavailable, KernelTLSConfigError) as exc:
-        installed.fallback_reason = f"receive stays in user space: {_refusal(exc)}"
+    no_pad = installed.expect_no_pad and keys.suite.version is TLSVersion.TLS1_3
+    refused, installed.rx_expect_no_pad = give_receive_key(sock, keys.crypto_info(Direction.RX, rx_seq), no_pad)
+    if refused is not None:
+        installed.fallback_reason = f"receive stays in user space: {refused}"
         return
     installed.kernel_rx = True
-    if installed.expect_no_pad and keys.suite.version is TLSVersion.TLS1_3:
-        try:
-            syscalls.set_rx_expect_no_pad(sock)
-        except KernelTLSUnavailable:
-            return
-        installed.rx_expect_no_pad = True
+
+
+def give_receive_key(sock: socket.socket, info: CryptoInfo, expect_no_pad: bool) -> tuple[str | None, bool]:
+    """``TLS_RX`` with ``info`` (then ``TLS_RX_EXPECT_NO_PAD`` if asked and the kernel has it). Returns why
+    the kernel refused the key (``None``: it took it) and whether it receives without padding."""
+    try:
+        syscalls.set_crypto_info(sock, Direction.RX, info)
+    except (KernelTLSUnavailable, KernelTLSConfigError) as exc:
+        return _refusal(exc), False
+    if not expect_no_pad:
+        return None, False
+    try:
+        syscalls.set_rx_expect_no_pad(sock)
+    except KernelTLSUnavailable:
+        return None, False
+    return None, True
 
 
 def _refusal(exc: KernelTLSUnavailable | KernelTLSConfigError) -> str:

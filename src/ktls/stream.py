@@ -15,8 +15,8 @@ Edge cases, each handled where named:
 * **TLS 1.3 client, tickets in flight.** The server's NewSessionTickets follow the handshake. To keep
   ``stream.session`` usable for resumption, a TLS 1.3 client lets OpenSSL read the records after the
   handshake — one at a time, counting them — until the first application record, then hands receive to the
-  kernel at that sequence number (``_read_deferred``). A KeyUpdate in that window is recognised by size
-  and the hand-off follows the new generation.
+  kernel at that sequence number (:meth:`ktls.connection.Connection.deferred_record`). A KeyUpdate in that
+  window is recognised by what it says, and the hand-off follows the new generation.
 * **Fallback.** When the kernel cannot take over (no ``tls`` ULP, a cipher or version it lacks, e.g. TLS 1.2
   CBC), the stream keeps working in user space over the same ``SSLObject`` and ``fallback_reason`` says why;
   ``require_kernel=True`` raises instead. If the kernel takes the send key but refuses the receive key, the
@@ -57,33 +57,15 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
-from . import handoff
-from .constants import MAX_PLAINTEXT, AlertLevel, ContentType, TLSVersion
-from .control import (
-    Action,
-    ControlRecords,
-    Fail,
-    InstallKey,
-    ReadClosed,
-    Role,
-    SendAlert,
-    SendHandshake,
-    SessionTicket,
-    WriteClosed,
-)
-from .deferred import deferred_record
-from .errors import (
-    KernelTLSFailure,
-    KernelTLSUnavailable,
-    RaggedEOF,
-    RecordError,
-    StreamClosed,
-)
-from .handshake import Handshake, HandshakeResult
+from . import driver, handoff
+from .connection import Action, Connection, Deliver, HandOffReceive, Receiving, Sending
+from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
+from .control import Fail, InstallKey, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from .errors import KernelTLSFailure, KernelTLSUnavailable, RecordError, StreamClosed
+from .handshake import Handshake
 from .kernel import syscalls
 from .kernel.uapi import Direction
 from .keys import ConnectionKeys
-from .sendbudget import SendBudget
 
 __all__ = ["Stream", "wrap_socket"]
 
@@ -129,74 +111,26 @@ def wrap_socket(
     (:func:`ktls.handoff.install_rx` says what it costs when the bet is wrong); ``stream.rx_expect_no_pad``
     tells whether the kernel took it.
     """
-    capture, reason = handoff.begin(context, require_kernel=require_kernel)
-    keys: ConnectionKeys | None = None
-    result: HandshakeResult | None = None
-    with capture.handshake() if capture is not None else contextlib.nullcontext() as claim:
-        handshake = Handshake(
-            context,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            session=session,
-            on_client_random=claim.bind if claim is not None else None,
-        )
-        _drive_handshake(sock, handshake)
-        try:
-            if claim is not None:
-                keys, result = handoff.derive_keys(handshake, claim, server_side=server_side)
-        except KernelTLSUnavailable as exc:
-            if require_kernel:
-                sock.close()
-                raise
-            reason = str(exc)
-    stream = Stream(
-        sock,
-        handshake,
-        keys,
+    steps = driver.establish(
+        context,
         server_side=server_side,
-        result=result,
-        fallback_reason=reason,
-        suppress_ragged_eofs=suppress_ragged_eofs,
-        rx_expect_no_pad=rx_expect_no_pad,
+        server_hostname=server_hostname,
+        session=session,
+        require_kernel=require_kernel,
     )
-    if require_kernel and not (stream.kernel_tx and (stream.kernel_rx or stream._deferred is not None)):
-        stream.close()
-        raise KernelTLSUnavailable(None, stream.fallback_reason or "the kernel did not take over")
-    return stream
-
-
-def _receive_handshake_records(sock: socket.socket, handshake: Handshake) -> None:
-    """Give OpenSSL what it waits for, and not a byte more (module docstring, step 1): every whole record
-    that has arrived, peeked at (:meth:`Handshake.offer`), or else the rest of one record, read exactly."""
-    if handshake.can_offer:
-        arrived = sock.recv(Handshake.PEEK_SIZE, socket.MSG_PEEK)
-        if arrived and handshake.offer(arrived):
-            return
-    handshake.receive(sock.recv(handshake.bytes_needed()))
-
-
-def _consume(sock: socket.socket, count: int) -> None:
-    """Read and drop ``count`` bytes we have already peeked at (they are in the socket)."""
-    while count > 0:
-        data = sock.recv(count)
-        if not data:
-            raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the socket lost bytes it had shown")
-        count -= len(data)
-
-
-def _drive_handshake(sock: socket.socket, handshake: Handshake) -> None:
     try:
-        while True:
-            complete = handshake.step()
-            _consume(sock, handshake.take_offered())
-            sock.sendall(handshake.data_to_send())
-            if complete:
-                return
-            _receive_handshake_records(sock, handshake)
-    except ssl.SSLError:
-        # OpenSSL wrote an alert saying why; the peer deserves to see it.
-        _send_quietly(sock, handshake.data_to_send())
+        established = driver.run(sock, steps)
+        connection = driver.take_over(
+            sock,
+            established,
+            expect_no_pad=rx_expect_no_pad,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            require_kernel=require_kernel,
+        )
+    except KernelTLSUnavailable:
+        sock.close()
         raise
+    return Stream(sock, established.handshake, connection)
 
 
 def _unacknowledged(sock: socket.socket) -> int:
@@ -207,14 +141,6 @@ def _unacknowledged(sock: socket.socket) -> int:
         return 0
 
 
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    if data:
-        try:
-            sock.sendall(data)
-        except OSError:
-            pass
-
-
 class Stream:
     """A connected TLS stream: a socket whose records the kernel protects (or, on fallback, OpenSSL).
 
@@ -223,18 +149,7 @@ class Stream:
     (``version()``, ``cipher()``, ``getpeercert()``, ``session``…).
     """
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        handshake: Handshake | None,
-        keys: ConnectionKeys | None,
-        *,
-        server_side: bool,
-        result: HandshakeResult | None = None,
-        fallback_reason: str | None = None,
-        suppress_ragged_eofs: bool = True,
-        rx_expect_no_pad: bool = False,
-    ) -> None:
+    def __init__(self, sock: socket.socket, handshake: Handshake | None, connection: Connection) -> None:
         """Use :func:`wrap_socket` or :meth:`from_keys`; this constructor is theirs."""
         self._sock = sock
         self._timeout: float | None = None
@@ -242,34 +157,11 @@ class Stream:
         self._scratch: memoryview | None = None  # where small kernel reads land (``_read_kernel``)
         self._handshake = handshake
         self._sslobj = handshake.ssl_object if handshake is not None else None
-        self._keys = keys
-        self.fallback_reason = fallback_reason
-        self.suppress_ragged_eofs = suppress_ragged_eofs
-        self.kernel_tx = False
-        self.kernel_rx = False
-        self.ragged_eof = False
-        #: TLS 1.3 receive with ``TLS_RX_EXPECT_NO_PAD`` (``wrap_socket(..., rx_expect_no_pad=True)``).
-        self.rx_expect_no_pad = False
+        self._connection = connection
         self._plaintext = bytearray()  # decrypted before the hand-off, delivered first
         self._closed = False
         self._io_refs = 0
         self._userspace_unsent = bytearray()
-        self._budget = SendBudget(None)
-        self._read_closed = False
-        self._deferred: handoff.DeferredReceive | None = None
-        if keys is None or result is None:
-            version = TLSVersion.TLS1_3 if self._ssl().version() == "TLSv1.3" else TLSVersion.TLS1_2
-            self._control = ControlRecords(version, Role.SERVER if server_side else Role.CLIENT, None)
-            return
-        installed = handoff.install(sock, keys, result, server_side=server_side, expect_no_pad=rx_expect_no_pad)
-        self._installed = installed
-        self._control = installed.control
-        self.kernel_tx, self.kernel_rx = installed.kernel_tx, installed.kernel_rx
-        self.fallback_reason = installed.fallback_reason
-        self.rx_expect_no_pad = installed.rx_expect_no_pad
-        self._budget = SendBudget(installed.record_limit, result.tx_seq)
-        if installed.rx_deferred:
-            self._deferred = handoff.DeferredReceive(keys)
 
     @classmethod
     def from_keys(
@@ -288,19 +180,71 @@ class Stream:
         sequence numbers of the next record each way, and plaintext already decrypted to deliver first.
 
         Both directions must go to the kernel (there is no userspace TLS to fall back to): raises
-        :class:`~ktls.errors.KernelTLSUnavailable` otherwise, and the socket is left as it was given.
+        :class:`~ktls.errors.KernelTLSUnavailable` otherwise.
         """
-        suite = keys.suite
-        result = HandshakeResult(suite.version, suite.openssl_name, b"", b"", tx_seq, rx_seq, tx_explicit_nonce)
-        stream = cls(
-            sock, None, keys, server_side=server_side, result=result, suppress_ragged_eofs=suppress_ragged_eofs
+        connection = driver.take_over_with_keys(
+            sock,
+            keys,
+            server_side=server_side,
+            tx_seq=tx_seq,
+            rx_seq=rx_seq,
+            tx_explicit_nonce=tx_explicit_nonce,
+            suppress_ragged_eofs=suppress_ragged_eofs,
         )
-        if stream._deferred is not None:
-            stream._hand_off_rx(rx_seq)
-        if not (stream.kernel_tx and stream.kernel_rx):
-            raise KernelTLSUnavailable(None, stream.fallback_reason or "the kernel did not take both directions")
+        stream = cls(sock, None, connection)
         stream._plaintext += early_data
         return stream
+
+    # -- state (the connection's, read-only) ---------------------------------------------------------------------
+
+    @property
+    def kernel_tx(self) -> bool:
+        """The kernel holds the send key."""
+        return self._connection.kernel_tx
+
+    @property
+    def kernel_rx(self) -> bool:
+        """The kernel holds the receive key (a TLS 1.3 client: from the first application record on)."""
+        return self._connection.kernel_rx
+
+    @property
+    def receiving(self) -> Receiving:
+        """Who reads records now (:class:`ktls.connection.Receiving`)."""
+        return self._connection.receiving
+
+    @property
+    def sending(self) -> Sending:
+        """Who encrypts records now (:class:`ktls.connection.Sending`)."""
+        return self._connection.sending
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why a direction stays in user space; ``None`` when the kernel has both."""
+        return self._connection.fallback_reason
+
+    @property
+    def rx_expect_no_pad(self) -> bool:
+        """TLS 1.3 receive with ``TLS_RX_EXPECT_NO_PAD`` (``wrap_socket(..., rx_expect_no_pad=True)``)."""
+        return self._connection.rx_expect_no_pad
+
+    @property
+    def ragged_eof(self) -> bool:
+        """The read side ended with a TCP EOF and no close_notify (possible truncation)."""
+        return self._connection.ragged_eof
+
+    @property
+    def suppress_ragged_eofs(self) -> bool:
+        """A ragged EOF reads as ``b""`` (the ``ssl`` default) rather than raising :class:`~ktls.errors.RaggedEOF`."""
+        return self._connection.suppress_ragged_eofs
+
+    @suppress_ragged_eofs.setter
+    def suppress_ragged_eofs(self, value: bool) -> None:
+        self._connection.suppress_ragged_eofs = value
+
+    @property
+    def key_updates_received(self) -> int:
+        """The peer's TLS 1.3 KeyUpdates the kernel followed."""
+        return self._connection.key_updates_received
 
     def _ssl(self) -> ssl.SSLObject:
         """OpenSSL's connection object: for userspace TLS, and for what it knows about the handshake."""
@@ -313,14 +257,6 @@ class Stream:
             raise KernelTLSUnavailable(None, "this stream was built from keys: it has no userspace TLS")
         return self._handshake
 
-    def _hand_off_rx(self, rx_seq: int, *, unproven: str | None = None) -> None:
-        assert self._keys is not None
-        handoff.install_rx(self._sock, self._keys, rx_seq, self._installed, unproven=unproven)
-        self._deferred = None
-        self.kernel_rx = self._installed.kernel_rx
-        self.fallback_reason = self._installed.fallback_reason
-        self.rx_expect_no_pad = self._installed.rx_expect_no_pad
-
     # -- receiving --------------------------------------------------------------------------------------------------
 
     def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
@@ -328,22 +264,23 @@ class Stream:
         if flags:
             raise ValueError("flags are not supported on a TLS stream")
         self._check_open()
-        if self._plaintext:
-            first = bytes(self._plaintext[:bufsize])
-            del self._plaintext[:bufsize]
-            return first
-        if bufsize <= 0 or self._read_closed:
-            return b""
         while True:
+            if self._plaintext:
+                first = bytes(self._plaintext[:bufsize])
+                del self._plaintext[:bufsize]
+                return first
+            receiving = self._connection.receiving
+            if bufsize <= 0 or receiving is Receiving.CLOSED:
+                return b""
             data: bytes | None
-            if self.kernel_rx and bufsize >= _RECORD_BUFFER:
+            if receiving is Receiving.KERNEL and bufsize >= _RECORD_BUFFER:
                 data = self._read_kernel_bytes(bufsize)
-            elif self.kernel_rx:
+            elif receiving is Receiving.KERNEL:
                 buffer = bytearray(bufsize)
                 n = self._read_kernel(memoryview(buffer))
                 data = None if n is None else bytes(memoryview(buffer)[:n])
-            elif self._deferred is not None:
-                data = self._read_deferred(self._deferred, bufsize)
+            elif receiving is Receiving.DEFERRED:
+                data = self._read_deferred()
             else:
                 data = self._read_userspace(bufsize)
             if data is not None:
@@ -357,23 +294,20 @@ class Stream:
         view = memoryview(buffer).cast("B")
         if nbytes:
             view = view[:nbytes]
-        if self._plaintext:
-            buffered = min(len(view), len(self._plaintext))
-            view[:buffered] = self._plaintext[:buffered]
-            del self._plaintext[:buffered]
-            return buffered
-        if not view or self._read_closed:
-            return 0
         while True:
+            if self._plaintext:
+                buffered = min(len(view), len(self._plaintext))
+                view[:buffered] = self._plaintext[:buffered]
+                del self._plaintext[:buffered]
+                return buffered
+            receiving = self._connection.receiving
+            if not view or receiving is Receiving.CLOSED:
+                return 0
             n: int | None
-            if self.kernel_rx:
+            if receiving is Receiving.KERNEL:
                 n = self._read_kernel(view)
             else:
-                data = (
-                    self._read_deferred(self._deferred, len(view))
-                    if self._deferred is not None
-                    else self._read_userspace(len(view))
-                )
+                data = self._read_deferred() if receiving is Receiving.DEFERRED else self._read_userspace(len(view))
                 n = None if data is None else len(data)
                 if data:
                     view[: len(data)] = data
@@ -432,17 +366,16 @@ class Stream:
         if so, the state machine hears of it (it ends a KeyUpdate exchange)."""
         if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
             return False
-        if self._control.control_since_data:
-            self._control.application_data_received()
+        self._connection.application_data()
         return True
 
     def _kernel_record(self, content_type: ContentType | int | None, data: bytes) -> int | None:
         """A kernel read that was not application data: the end of the stream (0), or a control record for
         the state machine (``None``: read again; 0 once it closed the read side)."""
         if content_type is None:
-            return len(self._tcp_eof())
-        self._run(self._control.receive_record(int(content_type), data))
-        return 0 if self._read_closed else None
+            return len(self._connection.end_of_stream())
+        self._run(self._connection.control_record(int(content_type), data))
+        return 0 if self._connection.receiving is Receiving.CLOSED else None
 
     def _io_failed(self, exc: OSError, *, kernel_read: bool = False, writing: bool = False) -> NoReturn:
         """A socket call failed: say so the way a socket (or ``ssl.SSLSocket``) would.
@@ -450,8 +383,8 @@ class Stream:
         ``EAGAIN`` from a stream with a timeout is the kernel saying the timeout passed (module docstring,
         "Timeouts are the kernel's"); on a non-blocking stream it stays ``BlockingIOError``. A failed kernel
         read is translated (:func:`ktls.kernel.syscalls.raise_receive_error`): a record the kernel refuses is
-        answered with its alert by the control-record state machine, and a TCP reset stays
-        ``ConnectionResetError``, as with ``ssl.SSLSocket``.
+        answered with its alert by the connection, and a TCP reset stays ``ConnectionResetError``, as with
+        ``ssl.SSLSocket`` (the kernel layer passes TCP's errors through).
         """
         if isinstance(exc, BlockingIOError):
             if self._timeout:
@@ -462,12 +395,8 @@ class Stream:
                 syscalls.raise_receive_error(exc)
             raise exc
         except RecordError as error:
-            self._run(self._control.record_failed(error))
+            self._run(self._connection.receive_failed(error))
             raise  # pragma: no cover - _run raised
-        except KernelTLSFailure as error:
-            if isinstance(error.__cause__, ConnectionError):
-                raise error.__cause__ from None
-            raise
 
     def _wait_for(self, call: Callable[[], _T], *, writing: bool) -> _T:
         """``call()`` on our socket (which waits inside the syscall up to the stream's timeout), its errors
@@ -477,16 +406,6 @@ class Stream:
         except OSError as exc:
             self._io_failed(exc, writing=writing)
 
-    def _tcp_eof(self) -> bytes:
-        """TCP EOF. With a close_notify first it is the clean end; without, a ragged EOF."""
-        self._read_closed = True
-        if self._control.read_closed:
-            return b""
-        self.ragged_eof = True
-        if self.suppress_ragged_eofs:
-            return b""
-        raise RaggedEOF()
-
     def _read_userspace(self, bufsize: int) -> bytes | None:
         """OpenSSL reads (fallback, or receive left in user space)."""
         try:
@@ -494,11 +413,10 @@ class Stream:
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
-            self._read_closed = True
-            self._control.read_closed = True
+            self._connection.closed_by_peer()
             return b""
         except ssl.SSLEOFError:
-            return self._tcp_eof()
+            return self._connection.end_of_stream()
         data = self._wait_for(lambda: self._sock.recv(65536), writing=False)
         if not data:
             self._handshake_state().incoming.write_eof()
@@ -506,31 +424,18 @@ class Stream:
             self._handshake_state().incoming.write(data)
         return None
 
-    def _read_deferred(self, deferred: handoff.DeferredReceive, bufsize: int) -> bytes | None:
-        """TLS 1.3 client between handshake and first application record (:class:`ktls.handoff.DeferredReceive`):
-        OpenSSL reads, one record at a time, so that tickets reach ``session`` and the kernel can start
-        exactly at the next record; :func:`ktls.deferred.deferred_record` says what each record meant."""
+    def _read_deferred(self) -> bytes | None:
+        """TLS 1.3 client before its first application record (:meth:`ktls.connection.Connection.deferred_record`):
+        OpenSSL reads exactly one record at a time; what it decrypted lands in ``_plaintext``."""
         handshake = self._handshake_state()
         wanted = handshake.bytes_needed()
         data = self._wait_for(lambda: self._sock.recv(wanted), writing=False)
         if not data:
-            return self._tcp_eof()
+            return self._connection.end_of_stream()
         record = handshake.receive(data)
-        if record is None:
-            return None  # the record is not whole yet
-        step = deferred_record(handshake, deferred, record)
-        if step.send_key_update:
-            self._run(self._control.key_update(request_peer_update=False))
-        if step.closed:
-            self._read_closed = True
-            self._control.read_closed = True
-            return b""
-        if not step.hand_off:
-            return None
-        # The first application record: everything after it is the kernel's.
-        self._plaintext += step.plaintext[bufsize:]
-        self._hand_off_rx(deferred.rx_seq, unproven=step.unproven)
-        return step.plaintext[:bufsize] if step.plaintext else None
+        if record is not None:  # else the record is not whole yet
+            self._run(self._connection.deferred_record(handshake, record))
+        return None
 
     # -- sending -----------------------------------------------------------------------------------------------------
 
@@ -539,15 +444,16 @@ class Stream:
         if flags:
             raise ValueError("flags are not supported on a TLS stream")
         self._check_open()
-        self._control.check_writable()
-        if not self.kernel_tx:
+        connection = self._connection
+        connection.check_writable()
+        if connection.sending is not Sending.KERNEL:
             return self._send_userspace(data)
         try:
             sent = self._sock.send(data)
         except OSError as exc:
             self._io_failed(exc, writing=True)
-        if self._budget.limit is not None:
-            self._count_records(sent)
+        if connection.sent(sent):
+            self._count_records()
         return sent
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -582,8 +488,8 @@ class Stream:
         descriptor), a read + send loop. Like ``socket.sendfile``, the file's position ends after the last
         byte sent; on a non-blocking stream it returns what the socket took (``BlockingIOError`` if nothing)."""
         self._check_open()
-        self._control.check_writable()
-        if not self.kernel_tx:
+        self._connection.check_writable()
+        if self._connection.sending is not Sending.KERNEL:
             return self._sendfile_userspace(file, offset, count)
         try:
             in_fd = file.fileno()
@@ -611,7 +517,8 @@ class Stream:
                 if not sent:
                     break  # end of file
                 total += sent
-                self._count_records(sent)
+                if self._connection.sent(sent):
+                    self._count_records()
         finally:
             if total:
                 file.seek(offset + total)
@@ -632,30 +539,23 @@ class Stream:
 
     @property
     def record_limit(self) -> int | None:
-        """Records sent under one key before it is replaced (TLS 1.3 KeyUpdate, Linux ≥ 6.14) or, where it
-        cannot be, before the write side closes with the reason (per cipher: ``handoff.RECORD_LIMITS``, RFC 8446
-        §5.5); ``None`` when the AEAD has no limit to act on (ChaCha20-Poly1305) or userspace TLS sends."""
-        return self._budget.limit
+        """Records sent under one key before it is replaced or the write side closes
+        (:attr:`ktls.connection.Connection.record_limit`); settable, to exercise the limit."""
+        return self._connection.record_limit
 
     @record_limit.setter
     def record_limit(self, limit: int | None) -> None:
-        self._budget.limit = limit
+        self._connection.record_limit = limit
 
-    def _count_records(self, sent: int) -> None:
-        """Near the AEAD's limit (:class:`~ktls.sendbudget.SendBudget`), ask the kernel and update the key."""
-        if not self._budget.sent(sent):
-            return
+    def _count_records(self) -> None:
+        """Near the AEAD's limit: the kernel's exact count, and a KeyUpdate (or the write side's end) if due."""
         info = syscalls.get_crypto_info(self._sock, Direction.TX)
-        if self._budget.kernel_count(info.rec_seq if info is not None else None):
-            log.info("the send key reached its limit after %d records (RFC 8446 §5.5)", self._budget.bound)
-            self._run(self._control.send_key_exhausted(self._budget.bound))
+        self._run(self._connection.kernel_record_count(info.rec_seq if info is not None else None))
 
     def key_update(self, request_peer_update: bool = False) -> None:
         """Send a TLS 1.3 KeyUpdate and switch to the next send key (kernel ≥ 6.14)."""
         self._check_open()
-        if not self.kernel_tx:
-            raise KernelTLSUnavailable(None, "key updates need the kernel to be sending")
-        self._run(self._control.key_update(request_peer_update))
+        self._run(self._connection.key_update(request_peer_update))
 
     # -- carrying out the state machine's actions ---------------------------------------------------------------
 
@@ -669,10 +569,13 @@ class Stream:
                 self._send_control(ContentType.HANDSHAKE, action.message)
             elif isinstance(action, InstallKey):
                 syscalls.set_crypto_info(self._sock, action.direction, action.info)
-                if action.direction is Direction.TX:
-                    self._budget.rekeyed()
-            elif isinstance(action, ReadClosed):
-                self._read_closed = True
+            elif isinstance(action, Deliver):
+                self._plaintext += action.plaintext
+            elif isinstance(action, HandOffReceive):
+                if action.info is not None:
+                    no_pad = self._connection.expect_no_pad
+                    refused, no_pad = handoff.give_receive_key(self._sock, action.info, no_pad)
+                    self._connection.receive_handed_off(refused, no_pad=no_pad)
             elif isinstance(action, WriteClosed):
                 self._half_close()
             elif isinstance(action, SessionTicket):
@@ -736,10 +639,11 @@ class Stream:
         raise NotImplementedError("a kernel TLS socket cannot go back to plain TCP")
 
     def _close_notify(self) -> None:
-        actions = self._control.close_write()
+        kernel = self._connection.sending is Sending.KERNEL
+        actions = self._connection.close_write()
         if not actions:
             return
-        if self.kernel_tx:
+        if kernel:
             self._run([a for a in actions if not isinstance(a, WriteClosed)])
             return
         self._flush_before_close()  # what send() accepted goes first, and is never dropped silently
@@ -764,9 +668,10 @@ class Stream:
         ``send`` accepted in userspace TLS could not be delivered within the bound (:meth:`_flush_before_close`)."""
         undelivered: TimeoutError | None = None
         try:
-            if self._control.error is None and not self._control.write_closed:
+            connection = self._connection
+            if connection.error is None and connection.sending is not Sending.CLOSED:
                 self._close_notify()
-            elif self._userspace_unsent and self._control.error is None:
+            elif self._userspace_unsent and connection.error is None:
                 self._flush_before_close()
         except TimeoutError as exc:
             undelivered = exc
@@ -944,13 +849,13 @@ class Stream:
 
     def version(self) -> str | None:
         if self._sslobj is None:
-            return self._control.version.label
+            return self._connection.version.label
         return self._sslobj.version()
 
     def cipher(self) -> tuple[str, str, int] | None:
         if self._sslobj is None:
-            suite = self._keys.suite if self._keys is not None else None
-            return None if suite is None else (suite.openssl_name, self._control.version.label, suite.key_size * 8)
+            suite = self._connection.suite
+            return None if suite is None else (suite.openssl_name, suite.version.label, suite.key_size * 8)
         return self._sslobj.cipher()
 
     def shared_ciphers(self) -> list[tuple[str, str, int]] | None:
@@ -983,18 +888,16 @@ class Stream:
 
     @property
     def server_side(self) -> bool:
-        return self._control.role is Role.SERVER
+        return self._connection.role is Role.SERVER
 
     @property
     def context(self) -> ssl.SSLContext | None:
         return self._sslobj.context if self._sslobj is not None else None
 
     def pending(self) -> int:
-        return len(self._plaintext) + (0 if self.kernel_rx else self._ssl().pending())
+        userspace = self._connection.receiving is Receiving.USERSPACE and self._sslobj is not None
+        return len(self._plaintext) + (self._ssl().pending() if userspace else 0)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
-        where = f"kernel tx={self.kernel_tx} rx={self.kernel_rx}"
-        if self.fallback_reason:
-            where += f", fallback: {self.fallback_reason}"
-        return f"<ktls.Stream {state} {self.version()} {where}>"
+        return f"<ktls.Stream {state} {self._connection.describe()}>"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import IO, Any
 
-from .connections import Server, create_connection, create_server
+from .connections import Server, connect_with_keys, create_connection, create_server
 from .loop import EventLoop, new_event_loop
 from .streams import open_connection, start_server
 from .transport import KTLSTransport
@@ -30,6 +30,7 @@ __all__ = [
     "EventLoop",
     "KTLSTransport",
     "Server",
+    "connect_with_keys",
     "create_connection",
     "create_server",
     "new_event_loop",

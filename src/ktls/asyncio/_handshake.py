@@ -1,110 +1,71 @@
-"""The TLS handshake on the event loop, then the hand-off to the kernel (:mod:`ktls.handoff`'s steps).
+"""The handshake on the event loop: :mod:`ktls.driver`'s requests carried out with the loop's socket calls.
 
-The handshake is :class:`ktls.handshake.Handshake` driven the way the blocking driver drives it — peek at what
-has arrived and offer OpenSSL every whole record (``Handshake.offer``/``take_offered``), or finish the current
-record exactly (``bytes_needed``) — with ``loop.sock_recv``/``loop.sock_sendall`` on the non-blocking socket,
-so the loop never blocks and the kernel starts at a record boundary. ``ssl_handshake_timeout`` bounds it like asyncio's
-own (60 s by default, ``ConnectionAbortedError`` when it runs out).
+The driver is the blocking front end's (peek at what has arrived and offer OpenSSL every whole record, or
+finish the current record exactly), so the kernel starts at a record boundary; here each request awaits
+``loop.sock_recv``/``loop.sock_sendall`` on the non-blocking socket, so the loop never blocks.
+``ssl_handshake_timeout`` bounds it like asyncio's own (60 s by default, ``ConnectionAbortedError`` when it
+runs out); a handshake cut short releases its key-log claim (the driver's generator is closed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import errno
 import socket
 import ssl
+from collections.abc import Generator
+from typing import TypeVar
 
-from .. import handoff
-from ..errors import KernelTLSFailure, KernelTLSUnavailable
-from ..handshake import Handshake, HandshakeResult
-from ..kernel import syscalls
-from ..keys import ConnectionKeys
+from .. import driver
+from ..connection import Connection
+from ..handshake import Handshake
 
-__all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_SHUTDOWN_TIMEOUT", "Connection", "handshake"]
+__all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_SHUTDOWN_TIMEOUT", "handshake"]
 
 #: asyncio's defaults (``asyncio.constants.SSL_HANDSHAKE_TIMEOUT``, ``SSL_SHUTDOWN_TIMEOUT``).
 DEFAULT_HANDSHAKE_TIMEOUT = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 
-
-@dataclasses.dataclass
-class Connection:
-    """A finished handshake and what the kernel took of it."""
-
-    sock: socket.socket
-    handshake: Handshake
-    keys: ConnectionKeys | None
-    result: HandshakeResult | None
-    installed: handoff.Installed | None
-    fallback_reason: str | None
-    deferred: handoff.DeferredReceive | None
+_T = TypeVar("_T")
 
 
-async def _drive(loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: Handshake) -> None:
-    """The blocking driver's loop (``ktls.stream._drive_handshake``), awaiting instead of blocking."""
+async def run(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, steps: Generator[driver.IORequest, bytes | None, _T]
+) -> _T:
+    """Carry out a driver's requests on the non-blocking ``sock`` (:func:`ktls.driver.run`, awaiting)."""
+    answer: bytes | None = None
     try:
         while True:
-            complete = hs.step()
-            await _consume(loop, sock, hs.take_offered())
-            if out := hs.data_to_send():
-                await loop.sock_sendall(sock, out)
-            if complete:
-                return
-            await _receive_records(loop, sock, hs)
-    except ssl.SSLError:
-        # OpenSSL wrote an alert saying why; the peer deserves to see it (best effort, never blocking).
-        if out := hs.data_to_send():
-            try:
-                sock.send(out)
-            except OSError:
-                pass
-        raise
-
-
-async def _receive_records(loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: Handshake) -> None:
-    """Every whole record that has arrived, peeked at and offered to OpenSSL; else the rest of one record."""
-    if hs.can_offer:
-        while True:
-            try:
-                arrived = sock.recv(Handshake.PEEK_SIZE, socket.MSG_PEEK)
-                break
-            except (BlockingIOError, InterruptedError):
-                await _readable(loop, sock)
-        if arrived and hs.offer(arrived):
-            return
-    hs.receive(await loop.sock_recv(sock, hs.bytes_needed()))
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    loop.add_reader(sock.fileno(), ready)
-    try:
-        await waiter
+            request = steps.send(answer)
+            answer = None
+            if isinstance(request, driver.Send):
+                if request.best_effort:
+                    with contextlib.suppress(OSError):
+                        sock.send(request.data)
+                else:
+                    await loop.sock_sendall(sock, request.data)
+            elif isinstance(request, driver.Peek):
+                answer = await _peek(loop, sock, request.size)
+            else:
+                answer = await loop.sock_recv(sock, request.size)
+    except StopIteration as done:
+        result: _T = done.value
+        return result
     finally:
-        loop.remove_reader(sock.fileno())
+        steps.close()
 
 
-async def _consume(loop: asyncio.AbstractEventLoop, sock: socket.socket, count: int) -> None:
-    """Read and drop ``count`` bytes already peeked at (they are in the socket)."""
-    while count > 0:
-        data = await loop.sock_recv(sock, count)
-        if not data:
-            raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the socket lost bytes it had shown")
-        count -= len(data)
-
-
-def _ulp_attached(sock: socket.socket) -> bool:
-    try:
-        return bool(syscalls.get_ulp(sock))
-    except OSError:
-        return True  # cannot tell: assume the worst
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    while True:
+        try:
+            return sock.recv(size, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            waiter: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _set_result_once, waiter)
+            try:
+                await waiter
+            finally:
+                loop.remove_reader(sock.fileno())
 
 
 async def handshake(
@@ -117,52 +78,30 @@ async def handshake(
     session: ssl.SSLSession | None = None,
     timeout: float | None = None,
     require_kernel: bool = False,
-) -> Connection:
+    expect_no_pad: bool = False,
+) -> tuple[Handshake, Connection]:
     """Run the handshake on the non-blocking connected ``sock``, then hand the keys to the kernel.
 
     On failure the socket is left open: the caller closes it.
     """
     timeout = DEFAULT_HANDSHAKE_TIMEOUT if timeout is None else timeout
-    capture, reason = handoff.begin(context, require_kernel=require_kernel)
-    keys: ConnectionKeys | None = None
-    result: HandshakeResult | None = None
+    steps = driver.establish(
+        context,
+        server_side=server_side,
+        server_hostname=server_hostname,
+        session=session,
+        require_kernel=require_kernel,
+    )
     try:
-        with capture.handshake() if capture is not None else contextlib.nullcontext() as claim:
-            hs = Handshake(
-                context,
-                server_side=server_side,
-                server_hostname=server_hostname,
-                session=session,
-                on_client_random=claim.bind if claim is not None else None,
-            )
-            await asyncio.wait_for(_drive(loop, sock, hs), timeout)
-            try:
-                if claim is not None:
-                    keys, result = handoff.derive_keys(hs, claim, server_side=server_side)
-            except KernelTLSUnavailable as exc:
-                if require_kernel:
-                    raise
-                reason = str(exc)
+        established = await asyncio.wait_for(run(loop, sock, steps), timeout)
     except asyncio.TimeoutError:
         raise ConnectionAbortedError(
             f"SSL handshake is taking longer than {timeout} seconds: aborting the connection"
         ) from None
-    installed: handoff.Installed | None = None
-    deferred: handoff.DeferredReceive | None = None
-    if keys is not None and result is not None:
-        try:
-            installed = handoff.install(sock, keys, result, server_side=server_side)
-        except KernelTLSFailure as exc:
-            # ENOTCONN: the peer half-closed (or reset) right after its last handshake record, and the kernel
-            # attaches its TLS layer only to an established connection. Nothing was given to the kernel, so
-            # user space carries on with what the peer sent. (handoff.install is learning to say this itself.)
-            if require_kernel or exc.errno != errno.ENOTCONN or _ulp_attached(sock):
-                raise
-            reason = f"the kernel could not take over: {exc}"
-        else:
-            reason = installed.fallback_reason
-            if installed.rx_deferred:
-                deferred = handoff.DeferredReceive(keys)
-    if require_kernel and not (installed and installed.kernel_tx and (installed.kernel_rx or installed.rx_deferred)):
-        raise KernelTLSUnavailable(None, reason or "the kernel did not take over")
-    return Connection(sock, hs, keys, result, installed, reason, deferred)
+    connection = driver.take_over(sock, established, expect_no_pad=expect_no_pad, require_kernel=require_kernel)
+    return established.handshake, connection
+
+
+def _set_result_once(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

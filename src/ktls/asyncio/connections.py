@@ -19,10 +19,14 @@ from asyncio import trsock
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..connection import Connection
+from ..driver import take_over_with_keys
+from ..handshake import Handshake
+from ..keys import ConnectionKeys
 from ._handshake import handshake
 from .transport import KTLSTransport
 
-__all__ = ["Server", "create_connection", "create_server"]
+__all__ = ["Server", "connect_with_keys", "create_connection", "create_server"]
 
 log = logging.getLogger("ktls")
 
@@ -144,14 +148,16 @@ async def create_connection(
     all_errors: bool = False,
     session: _ssl.SSLSession | None = None,
     require_kernel: bool = False,
+    rx_expect_no_pad: bool = False,
 ) -> tuple[KTLSTransport, asyncio.BaseProtocol]:
     """Like ``loop.create_connection`` with ``ssl=``: connect, handshake, hand the keys to the kernel.
 
     Returns ``(transport, protocol)``; ``transport.get_extra_info("ktls_tx")`` / ``"ktls_rx"`` tell what the
     kernel does, ``"ktls_fallback_reason"`` why not. ``require_kernel=True`` raises
     :class:`~ktls.errors.KernelTLSUnavailable` instead of falling back; ``session`` resumes a TLS session
-    (``transport.get_extra_info("ssl_object").session`` of an earlier connection). ``happy_eyeballs_delay`` is
-    accepted for compatibility; addresses are tried one after another.
+    (``transport.get_extra_info("ssl_object").session`` of an earlier connection); ``rx_expect_no_pad`` as
+    :func:`ktls.wrap_socket`'s (``transport.rx_expect_no_pad`` tells whether the kernel took it).
+    ``happy_eyeballs_delay`` is accepted for compatibility; addresses are tried one after another.
     """
     loop = asyncio.get_running_loop()
     context = _client_context(ssl)
@@ -183,7 +189,7 @@ async def create_connection(
         )
     _set_nodelay(sock)
     try:
-        connection = await handshake(
+        tls, connection = await handshake(
             loop,
             sock,
             context,
@@ -192,12 +198,27 @@ async def create_connection(
             session=session,
             timeout=ssl_handshake_timeout,
             require_kernel=require_kernel,
+            expect_no_pad=rx_expect_no_pad,
         )
     except BaseException:
         sock.close()
         raise
+    return await _start_transport(loop, sock, tls, connection, protocol_factory, ssl_shutdown_timeout)
+
+
+async def _start_transport(  # noqa: PLR0917 - private: the pieces both ways of starting have
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    tls: Handshake | None,
+    connection: Connection,
+    protocol_factory: ProtocolFactory,
+    shutdown_timeout: float | None,
+    early_data: bytes = b"",
+) -> tuple[KTLSTransport, asyncio.BaseProtocol]:
     protocol = protocol_factory()
-    transport = KTLSTransport(loop, connection, protocol, shutdown_timeout=ssl_shutdown_timeout)
+    transport = KTLSTransport(
+        loop, sock, tls, connection, protocol, shutdown_timeout=shutdown_timeout, early_data=early_data
+    )
     # connection_made runs before we return, as with asyncio (it was scheduled first).
     waiter = loop.create_future()
     loop.call_soon(_set_result_once, waiter)
@@ -207,6 +228,31 @@ async def create_connection(
         transport.close()
         raise
     return transport, protocol
+
+
+async def connect_with_keys(
+    protocol_factory: ProtocolFactory,
+    sock: socket.socket,
+    keys: ConnectionKeys,
+    *,
+    server_side: bool,
+    tx_seq: int,
+    rx_seq: int,
+    tx_explicit_nonce: int | None = None,
+    early_data: bytes = b"",
+    ssl_shutdown_timeout: float | None = None,
+) -> tuple[KTLSTransport, asyncio.BaseProtocol]:
+    """Bring your own keys (:meth:`ktls.Stream.from_keys` on the event loop): a connected ``sock`` whose
+    handshake was done elsewhere, ``keys`` with the sequence number of the next record each way, and
+    plaintext already decrypted (``early_data``, delivered first). Both directions must go to the kernel:
+    raises :class:`~ktls.errors.KernelTLSUnavailable` otherwise (the socket is left to the caller).
+    Returns ``(transport, protocol)`` like :func:`create_connection`."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    connection = take_over_with_keys(
+        sock, keys, server_side=server_side, tx_seq=tx_seq, rx_seq=rx_seq, tx_explicit_nonce=tx_explicit_nonce
+    )
+    return await _start_transport(loop, sock, None, connection, protocol_factory, ssl_shutdown_timeout, early_data)
 
 
 def _set_result_once(waiter: asyncio.Future[None]) -> None:
@@ -228,6 +274,7 @@ class Server(asyncio.AbstractServer):
         ssl_handshake_timeout: float | None,
         ssl_shutdown_timeout: float | None,
         require_kernel: bool,
+        rx_expect_no_pad: bool = False,
         max_connections: int | None = None,
     ) -> None:
         self._loop = loop
@@ -238,6 +285,7 @@ class Server(asyncio.AbstractServer):
         self._handshake_timeout = ssl_handshake_timeout
         self._shutdown_timeout = ssl_shutdown_timeout
         self._require_kernel = require_kernel
+        self._rx_expect_no_pad = rx_expect_no_pad
         self._serving = False
         self._serving_forever_fut: asyncio.Future[None] | None = None
         self._transports: set[KTLSTransport] = set()
@@ -326,7 +374,7 @@ class Server(asyncio.AbstractServer):
 
     async def _serve_connection(self, conn: socket.socket) -> None:
         try:
-            connection = await handshake(
+            tls, connection = await handshake(
                 self._loop,
                 conn,
                 self._context,
@@ -334,6 +382,7 @@ class Server(asyncio.AbstractServer):
                 server_hostname=None,
                 timeout=self._handshake_timeout,
                 require_kernel=self._require_kernel,
+                expect_no_pad=self._rx_expect_no_pad,
             )
         except asyncio.CancelledError:
             conn.close()
@@ -354,7 +403,7 @@ class Server(asyncio.AbstractServer):
                 {"message": "protocol_factory() failed for a kernel-TLS connection", "exception": exc}
             )
             return
-        KTLSTransport(self._loop, connection, protocol, server=self, shutdown_timeout=self._shutdown_timeout)
+        KTLSTransport(self._loop, conn, tls, connection, protocol, server=self, shutdown_timeout=self._shutdown_timeout)
 
     # -- asyncio.AbstractServer -------------------------------------------------------------------------------------
 
@@ -499,6 +548,7 @@ async def create_server(
     start_serving: bool = True,
     require_kernel: bool = False,
     max_connections: int | None = None,
+    rx_expect_no_pad: bool = False,
 ) -> Server:
     """Like ``loop.create_server`` with ``ssl=``: each accepted connection does its handshake on the loop, then
     the kernel takes over and ``protocol_factory()`` gets a :class:`~ktls.asyncio.transport.KTLSTransport`.
@@ -539,6 +589,7 @@ async def create_server(
         ssl_shutdown_timeout=ssl_shutdown_timeout,
         require_kernel=require_kernel,
         max_connections=max_connections,
+        rx_expect_no_pad=rx_expect_no_pad,
     )
     if start_serving:
         await server.start_serving()

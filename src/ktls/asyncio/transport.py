@@ -11,11 +11,12 @@ Theory of operation.
   type, so a read of application data can pull the KeyUpdate behind it into the kernel's queue; from then on
   (Linux ≥ 6.14) ``poll`` hides readability until the new key is set. Each readiness callback therefore reads
   until ``EAGAIN`` (a few reads, then again via ``call_soon``), and turning reading back on reads once at once.
-* **Two other read modes** share the same OpenSSL object: a TLS 1.3 client reads through OpenSSL, one record at
-  a time, until the first application record (:mod:`ktls.deferred`; the server's tickets keep ``session``
-  usable), then hands receive to the kernel; and when the kernel could not take receive (or anything), OpenSSL
-  reads from the socket through its memory BIO — the *userspace fallback*, which is also a complete userspace
-  TLS transport over the ``SSLObject`` the handshake left (asyncio's own ``SSLProtocol`` cannot adopt one).
+* **Two other read modes** share the same OpenSSL object: a TLS 1.3 client reads through OpenSSL, one record at a
+  time, until the first application record (:meth:`ktls.connection.Connection.deferred_record`; the server's tickets
+  keep ``session`` usable), then hands receive to the kernel; and when the kernel could not take receive (or
+  anything), OpenSSL reads from the socket through its memory BIO — the *userspace fallback*, which is also a
+  complete userspace TLS transport over the ``SSLObject`` the handshake left (asyncio's own ``SSLProtocol`` cannot
+  adopt one).
 * **Writing.** With the kernel sending, ``write`` is ``send`` on the socket; what does not fit waits in an
   ordered queue of data, control records (``sendmsg`` + ``TLS_SET_RECORD_TYPE``) and steps (install the next
   send key, ``shutdown(SHUT_WR)``). A KeyUpdate goes to the *front* of the queue (RFC 8446 §4.6.3: before our
@@ -55,25 +56,14 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any, Union
 
 from .. import handoff
-from ..constants import MAX_PLAINTEXT, AlertLevel, ContentType, TLSVersion
-from ..control import (
-    Action,
-    ControlRecords,
-    Fail,
-    InstallKey,
-    ReadClosed,
-    Role,
-    SendAlert,
-    SendHandshake,
-    SessionTicket,
-    WriteClosed,
-)
-from ..deferred import deferred_record
-from ..errors import KernelTLSFailure, KernelTLSUnavailable, KTLSError, RecordError, StreamClosed
+from ..connection import Action, Connection, Deliver, HandOffReceive, Receiving, Sending
+from ..constants import MAX_PLAINTEXT, AlertLevel, ContentType
+from ..control import Fail, InstallKey, ReadClosed, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from ..errors import KernelTLSFailure, KTLSError, RecordError, StreamClosed
+from ..handshake import Handshake
 from ..kernel import syscalls
 from ..kernel.uapi import CryptoInfo, Direction
-from ..sendbudget import SendBudget
-from ._handshake import DEFAULT_SHUTDOWN_TIMEOUT, Connection
+from ._handshake import DEFAULT_SHUTDOWN_TIMEOUT
 
 __all__ = ["KTLSTransport"]
 
@@ -127,45 +117,34 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
     _high_water: int
     _low_water: int
 
-    def __init__(  # noqa: PLR0915 - one line per piece of state, each commented
+    def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        handshake: Handshake | None,
         connection: Connection,
         protocol: asyncio.BaseProtocol,
         *,
         server: Any = None,
         shutdown_timeout: float | None = None,
+        early_data: bytes = b"",
     ) -> None:
         super().__init__(None, loop)
         self._loop: asyncio.AbstractEventLoop = loop
         self._protocol_paused = False
         self._set_write_buffer_limits()
-        self._sock: socket.socket = connection.sock
-        self._sock_fd = connection.sock.fileno()
-        self._handshake = connection.handshake
-        self._sslobj = connection.handshake.ssl_object
-        self._keys = connection.keys
-        self._installed = connection.installed
-        self._deferred = connection.deferred
-        self.fallback_reason = connection.fallback_reason
-        installed = connection.installed
-        self.kernel_tx = bool(installed and installed.kernel_tx)
-        self.kernel_rx = bool(installed and installed.kernel_rx)
-        if installed is not None:
-            self._control = installed.control
-        else:
-            version = TLSVersion.TLS1_3 if self._sslobj.version() == "TLSv1.3" else TLSVersion.TLS1_2
-            role = Role.SERVER if self._sslobj.server_side else Role.CLIENT
-            self._control = ControlRecords(version, role, None)
-        tx_seq = connection.result.tx_seq if connection.result is not None else 0
-        self._budget = SendBudget(installed.record_limit if installed else None, tx_seq)
+        self._sock = sock
+        self._sock_fd = sock.fileno()
+        self._handshake = handshake  # OpenSSL's side: user space, the deferred window, TLS information
+        self._sslobj = handshake.ssl_object if handshake is not None else None
+        self._connection = connection  # every protocol decision (ktls.connection)
         self._shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
         self._server = server
         self._protocol: asyncio.BaseProtocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._buffer: collections.deque[_Item] = collections.deque()
         self._buffer_size = 0
-        self._plaintext = bytearray()  # decrypted, not yet taken by the protocol
+        self._plaintext = bytearray(early_data)  # decrypted, not yet taken by the protocol
         self._paused = False  # pause_reading()
         self._closing = False  # close() or a failure: no more data for the protocol, no more writes
         self._eof_written = False  # write_eof() was called
@@ -182,8 +161,6 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         self._lost_writes = 0
         self._flushing = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        #: The read side ended with a TCP EOF and no close_notify (possible truncation, like ``SSLEOFError``).
-        self.ragged_eof = False
         self._selector = isinstance(loop, selector_events.BaseSelectorEventLoop)
         self._extra_info = self._static_extra()
         if self._selector:
@@ -204,7 +181,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
             return
         self._protocol.connection_made(self)
         self._update_reader()
-        if self._plaintext or (not self.kernel_rx and self._deferred is None and self._sslobj.pending()):
+        if self._plaintext or self._userspace_pending():
             self._loop.call_soon(self._resume_delivery)
 
     def _want_reader(self) -> bool:
@@ -244,16 +221,76 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         else:
             self._loop.remove_writer(self._sock_fd)
 
+    def _userspace_pending(self) -> bool:
+        """OpenSSL holds decrypted bytes the protocol has not had (user space receives)."""
+        userspace = self._connection.receiving is Receiving.USERSPACE
+        return userspace and self._sslobj is not None and self._sslobj.pending() > 0
+
+    # -- state (the connection's, read-only) ----------------------------------------------------------------------
+
+    @property
+    def kernel_tx(self) -> bool:
+        """The kernel holds the send key."""
+        return self._connection.kernel_tx
+
+    @property
+    def kernel_rx(self) -> bool:
+        """The kernel holds the receive key (a TLS 1.3 client: from the first application record on)."""
+        return self._connection.kernel_rx
+
+    @property
+    def receiving(self) -> Receiving:
+        """Who reads records now (:class:`ktls.connection.Receiving`)."""
+        return self._connection.receiving
+
+    @property
+    def sending(self) -> Sending:
+        """Who encrypts records now (:class:`ktls.connection.Sending`)."""
+        return self._connection.sending
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why a direction stays in user space; ``None`` when the kernel has both."""
+        return self._connection.fallback_reason
+
+    @property
+    def rx_expect_no_pad(self) -> bool:
+        """TLS 1.3 receive with ``TLS_RX_EXPECT_NO_PAD`` (``create_connection(..., rx_expect_no_pad=True)``)."""
+        return self._connection.rx_expect_no_pad
+
+    @property
+    def ragged_eof(self) -> bool:
+        """The read side ended with a TCP EOF and no close_notify (possible truncation, like ``SSLEOFError``)."""
+        return self._connection.ragged_eof
+
+    @property
+    def key_updates_received(self) -> int:
+        """The peer's TLS 1.3 KeyUpdates the kernel followed."""
+        return self._connection.key_updates_received
+
+    @property
+    def record_limit(self) -> int | None:
+        """Records sent under one key before it is replaced or the write side closes
+        (:attr:`ktls.connection.Connection.record_limit`); settable, to exercise the limit."""
+        return self._connection.record_limit
+
+    @record_limit.setter
+    def record_limit(self, limit: int | None) -> None:
+        self._connection.record_limit = limit
+
     # -- extra info -----------------------------------------------------------------------------------------------
 
     def _static_extra(self) -> dict[str, Any]:
         sslobj = self._sslobj
+        suite = self._connection.suite
         extra: dict[str, Any] = {
             "ssl_object": sslobj,
-            "sslcontext": sslobj.context,
-            "peercert": sslobj.getpeercert(),
-            "cipher": sslobj.cipher(),
-            "compression": sslobj.compression(),
+            "sslcontext": sslobj.context if sslobj else None,
+            "peercert": sslobj.getpeercert() if sslobj else None,
+            "cipher": sslobj.cipher()
+            if sslobj
+            else suite and (suite.openssl_name, suite.version.label, suite.key_size * 8),
+            "compression": sslobj.compression() if sslobj else None,
             "socket": trsock.TransportSocket(self._sock),
         }
         try:
@@ -342,12 +379,13 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
 
     def _read_once(self) -> bool:
         """One read in the current mode; ``False`` when there was nothing to read."""
-        if self._closing:
+        receiving = self._connection.receiving
+        if self._closing or receiving is Receiving.CLOSED:
             return self._discard_read()
-        if self.kernel_rx:
+        if receiving is Receiving.KERNEL:
             return self._read_kernel()
-        if self._deferred is not None:
-            return self._read_deferred(self._deferred)
+        if receiving is Receiving.DEFERRED:
+            return self._read_deferred()
         return self._read_userspace()
 
     def _read_kernel(self) -> bool:
@@ -357,7 +395,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
                 buf = self._get_buffer()
                 content_type, nbytes, end = syscalls.recv_record_into(self._sock, buf)
                 if content_type == ContentType.APPLICATION_DATA:
-                    self._application_data_arrived()
+                    self._connection.application_data()
                     self._buffered_protocol().buffer_updated(nbytes)
                     return True
                 data = bytes(memoryview(buf)[:nbytes])
@@ -365,22 +403,23 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
                 record = syscalls.recv_record(self._sock, self.max_size)
                 content_type, data, end = record.content_type, record.data, record.end_of_record
                 if content_type == ContentType.APPLICATION_DATA:
-                    self._application_data_arrived()
+                    self._connection.application_data()
                     self._protocol_data(data)
                     return True
         except (BlockingIOError, InterruptedError):
             return False
         except RecordError as exc:
-            self._run(self._control.record_failed(exc))
+            self._run(self._connection.receive_failed(exc))
             return True
         if content_type is None:
             if data:
                 raise KernelTLSFailure(None, "the kernel returned bytes without a record type")
-            self._on_eof(clean=self._control.read_closed)
+            self._connection.end_of_stream()
+            self._on_eof()
             return True
         if not end:
             data += self._rest_of_record(len(data))
-        self._run(self._control.receive_record(int(content_type), data))
+        self._run(self._connection.control_record(int(content_type), data))
         return True
 
     def _rest_of_record(self, have: int) -> bytes:
@@ -399,43 +438,25 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
             if have > _RECORD_BUFFER:
                 raise KernelTLSFailure(None, "a control record is longer than a TLS record")
 
-    def _application_data_arrived(self) -> None:
-        if self._control.control_since_data:
-            self._control.application_data_received()
-
-    def _read_deferred(self, deferred: handoff.DeferredReceive) -> bool:
-        """TLS 1.3 client before the first application record: OpenSSL reads, exactly one record at a time."""
+    def _read_deferred(self) -> bool:
+        """TLS 1.3 client before the first application record: OpenSSL reads, exactly one record at a time
+        (:meth:`ktls.connection.Connection.deferred_record` says what each meant)."""
         handshake = self._handshake
+        assert handshake is not None
         progress = False
-        while self._deferred is deferred and not self._paused and not self._closing and not self._read_done:
+        while self._connection.receiving is Receiving.DEFERRED and self._want_reader() and not self._paused:
             try:
                 data = self._sock.recv(handshake.bytes_needed())
             except (BlockingIOError, InterruptedError):
                 return progress
             progress = True
             if not data:
-                self._on_eof(clean=False)
+                self._connection.end_of_stream()
+                self._on_eof()
                 return True
             record = handshake.receive(data)
-            if record is None:
-                continue  # the record is not whole yet
-            step = deferred_record(handshake, deferred, record)
-            if step.send_key_update:
-                self._run(self._control.key_update(request_peer_update=False))
-            if step.closed:
-                self._control.read_closed = True
-                self._on_eof(clean=True)
-                return True
-            if step.hand_off:
-                assert self._keys is not None
-                assert self._installed is not None
-                handoff.install_rx(self._sock, self._keys, deferred.rx_seq, self._installed, unproven=step.unproven)
-                self._deferred = None
-                self.kernel_rx = self._installed.kernel_rx
-                self.fallback_reason = self._installed.fallback_reason
-                self._plaintext += step.plaintext
-                self._deliver_plaintext()
-                return True
+            if record is not None:  # else the record is not whole yet
+                self._run(self._connection.deferred_record(handshake, record))
         return progress
 
     def _read_userspace(self) -> bool:
@@ -444,6 +465,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
             data = self._sock.recv(self.max_size)
         except (BlockingIOError, InterruptedError):
             return False
+        assert self._handshake is not None
         if data:
             self._handshake.incoming.write(data)
         else:
@@ -452,6 +474,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         return True
 
     def _pump_userspace(self) -> None:
+        assert self._sslobj is not None
         try:
             while not self._paused and not self._closing and not self._read_done:
                 try:
@@ -459,22 +482,23 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
                         buf = self._get_buffer()
                         nbytes = int(self._sslobj.read(len(buf), buf))  # typeshed says bytes: it is the count
                         if not nbytes:
-                            self._on_eof(clean=True)
+                            self._peer_closed()
                             break
                         self._buffered_protocol().buffer_updated(nbytes)
                     else:
                         data = self._sslobj.read(self.max_size)
                         if not data:
-                            self._on_eof(clean=True)
+                            self._peer_closed()
                             break
                         self._protocol_data(data)
                 except ssl.SSLWantReadError:
                     break
                 except ssl.SSLZeroReturnError:
-                    self._on_eof(clean=True)
+                    self._peer_closed()
                     break
                 except ssl.SSLEOFError:
-                    self._on_eof(clean=False)
+                    self._connection.end_of_stream()
+                    self._on_eof()
                     break
         finally:
             self._flush_openssl_output()
@@ -482,6 +506,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
     def _flush_openssl_output(self) -> None:
         """What OpenSSL wrote while reading (a KeyUpdate answer, an alert): ours to send on fallback; under a key
         the kernel owns otherwise, so never sent."""
+        assert self._handshake is not None
         outgoing = self._handshake.outgoing
         if not outgoing.pending:
             return
@@ -525,56 +550,62 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
             return
         try:
             self._deliver_plaintext()
-            if not self.kernel_rx and self._deferred is None and not self._read_done:
+            if self._connection.receiving is Receiving.USERSPACE and not self._read_done:
                 self._pump_userspace()
         except Exception as exc:
             self._fatal_error(exc)
 
-    def _on_eof(self, *, clean: bool) -> None:
-        """The peer's side ended: with close_notify (``clean``) or a bare TCP EOF."""
+    def _peer_closed(self) -> None:
+        """OpenSSL read the peer's close_notify."""
+        self._connection.closed_by_peer()
+        self._on_eof()
+
+    def _on_eof(self) -> None:
+        """The peer's side ended (close_notify or a bare TCP EOF: ``ragged_eof`` tells)."""
         if self._read_done:
             return
         self._read_done = True
-        if not clean:
-            self.ragged_eof = True
         self._update_reader()
         if self._closing:
             self._maybe_finish()
             return
         protocol = self._protocol
         keep_open = isinstance(protocol, (asyncio.Protocol, asyncio.BufferedProtocol)) and protocol.eof_received()
-        if not keep_open or (self._control.write_closed and not self._close_notify_queued):
+        if not keep_open or (self._connection.sending is Sending.CLOSED and not self._close_notify_queued):
             # TLS 1.2 answered the close_notify and closed its write side; or the protocol is done.
             self.close()
 
-    def _discard_read(self) -> bool:  # noqa: PLR0912 - each way a peer's side can end
-        """After close() or a failure: read what arrives, until the peer's side ends, and drop it."""
+    def _discard_read(self) -> bool:
+        """After close() or a failure: read what arrives, until the peer's side ends, and drop it. Control
+        records still go to the connection (a KeyUpdate must be followed to read on; close_notify ends it)."""
         try:
-            if self.kernel_rx:
+            if self._connection.kernel_rx:
                 record = syscalls.recv_record(self._sock, _RECORD_BUFFER)
                 if record.content_type is None and not record.data:
-                    self._on_eof(clean=self._control.read_closed)
-                elif record.content_type not in (None, ContentType.APPLICATION_DATA) and self._control.error is None:
-                    for action in self._control.receive_record(int(record.content_type), record.data):
-                        if isinstance(action, InstallKey) and action.direction is Direction.RX:
-                            syscalls.set_crypto_info(self._sock, Direction.RX, action.info)
-                        elif isinstance(action, (ReadClosed, Fail)):
-                            self._on_eof(clean=True)
+                    self._connection.end_of_stream()
+                    self._on_eof()
+                elif record.content_type not in (None, ContentType.APPLICATION_DATA):
+                    try:
+                        self._run(self._connection.control_record(int(record.content_type), record.data))
+                    except KTLSError:
+                        self._on_eof()  # the connection is over either way
             else:
                 data = self._sock.recv(self.max_size)
                 if not data:
-                    self._on_eof(clean=False)
-                elif self._deferred is None and not self.kernel_rx:
+                    self._connection.end_of_stream()
+                    self._on_eof()
+                elif self._connection.receiving is Receiving.USERSPACE and self._sslobj is not None:
+                    assert self._handshake is not None
                     self._handshake.incoming.write(data)
                     while self._sslobj.read(self.max_size):
                         pass
-                    self._on_eof(clean=True)  # read() returned b"": the peer's close_notify
+                    self._peer_closed()  # read() returned b"": the peer's close_notify
         except (BlockingIOError, InterruptedError):
             return False
         except ssl.SSLWantReadError:
             return True
         except (OSError, ssl.SSLError):
-            self._on_eof(clean=False)  # EKEYEXPIRED after an aborted KeyUpdate, a reset, a bad record: done
+            self._on_eof()  # EKEYEXPIRED after an aborted KeyUpdate, a reset, a bad record: done
         return True
 
     # -- the state machine's actions -------------------------------------------------------------------------------
@@ -596,6 +627,15 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
                     syscalls.set_crypto_info(self._sock, Direction.RX, action.info)
                 else:
                     urgent.append(self._install_tx_step(action.info))
+            elif isinstance(action, Deliver):
+                self._plaintext += action.plaintext
+            elif isinstance(action, HandOffReceive):
+                if action.info is not None:
+                    no_pad = self._connection.expect_no_pad
+                    refused, no_pad = handoff.give_receive_key(self._sock, action.info, no_pad)
+                    self._connection.receive_handed_off(refused, no_pad=no_pad)
+                if self._plaintext:
+                    self._deliver_plaintext()
             elif isinstance(action, ReadClosed):
                 read_closed = True
             elif isinstance(action, WriteClosed):
@@ -613,12 +653,11 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         if urgent or self._buffer:
             self._flush()
         if read_closed:
-            self._on_eof(clean=True)
+            self._on_eof()
 
     def _install_tx_step(self, info: CryptoInfo) -> _Step:
         def install() -> None:
             syscalls.set_crypto_info(self._sock, Direction.TX, info)
-            self._budget.rekeyed()
 
         return _Step(install, "install the next send key")
 
@@ -631,9 +670,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
     def key_update(self, request_peer_update: bool = False) -> None:
         """Send a TLS 1.3 KeyUpdate and switch to the next send key (kernel ≥ 6.14), before any data still
         queued. Raises :class:`~ktls.errors.RekeyUnsupported` where the kernel cannot."""
-        if not self.kernel_tx:
-            raise KernelTLSUnavailable(None, "key updates need the kernel to be sending")
-        self._run(self._control.key_update(request_peer_update))
+        self._run(self._connection.key_update(request_peer_update))
 
     # -- writing --------------------------------------------------------------------------------------------------
 
@@ -646,17 +683,20 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
             raise RuntimeError("unable to write; sendfile is in progress")
         if not data:
             return
-        if self._control.write_closed_reason is not None and not self._lost:
+        connection = self._connection
+        if connection.write_closed_reason is not None and not self._lost:
             # Not the application's close: the send key is spent and cannot be replaced. Say so, loudly.
-            raise StreamClosed(self._control.write_closed_reason)
-        if self._lost or self._closing or self._control.write_closed:
+            raise StreamClosed(connection.write_closed_reason)
+        if self._lost or self._closing or connection.sending is Sending.CLOSED:
             if self._lost_writes >= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 log.warning("ktls transport: write() after the connection was closed")
             self._lost_writes += 1
             return
-        if self.kernel_tx:
+        if connection.sending is Sending.KERNEL:
             self._send_or_queue(data)
             return
+        assert self._sslobj is not None
+        assert self._handshake is not None
         try:
             self._sslobj.write(data)
         except ssl.SSLError as exc:
@@ -690,20 +730,16 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         self._maybe_pause_protocol()
 
     def _sent(self, nbytes: int) -> None:
-        if self.kernel_tx and self._budget.sent(nbytes):
+        if self._connection.sent(nbytes):
             self._check_key_limit()
 
     def _check_key_limit(self) -> None:
         """Near the AEAD's key-usage limit (RFC 8446 §5.5), ask the kernel, and update the send key if due."""
         info = syscalls.get_crypto_info(self._sock, Direction.TX)
-        if self._budget.kernel_count(info.rec_seq if info is not None else None) and not self._control.write_closed:
-            log.info("the send key reached its limit after %d records (RFC 8446 §5.5)", self._budget.bound)
-            actions = self._control.send_key_exhausted(self._budget.bound)
-            if any(isinstance(action, InstallKey) for action in actions):
-                self._budget.rekeyed()  # nothing more is sent under this key: the KeyUpdate goes first
-            else:
-                self._close_notify_queued = True  # what was queued goes out, then close_notify
-            self._run(actions)
+        actions = self._connection.kernel_record_count(info.rec_seq if info is not None else None)
+        if any(isinstance(action, WriteClosed) for action in actions):
+            self._close_notify_queued = True  # what was queued goes out, then close_notify
+        self._run(actions)
 
     def _flush(self) -> None:  # noqa: PLR0912 - one branch per queue item type and outcome
         """Send what the queue holds, in order, until the socket is full (the loop's writer callback)."""
@@ -820,14 +856,12 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
 
     def _enqueue_close_notify(self) -> None:
         self._close_notify_queued = True
-        if self.kernel_tx:
-            for action in self._control.close_write():
-                if isinstance(action, SendAlert):
-                    self._enqueue(_ControlRecord(ContentType.ALERT, action.payload))
-                elif isinstance(action, WriteClosed):
-                    self._enqueue(_Step(self._shut_wr, "shutdown(SHUT_WR)"))
+        if self._connection.kernel_tx:
+            self._run(self._connection.close_write())  # close_notify and SHUT_WR, behind what is queued
             return
-        if self._control.close_write():
+        assert self._sslobj is not None
+        assert self._handshake is not None
+        if self._connection.close_write():
             try:
                 self._sslobj.unwrap()
             except ssl.SSLError:
@@ -854,7 +888,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         if self._lost:
             return
         try:
-            if self._budget.limit is not None:
+            if self._connection.record_limit is not None:
                 self._check_key_limit()  # sendfile's records were not counted: ask the kernel
             self._flush()
         except Exception as exc:
@@ -940,7 +974,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         self._closing = True
         self._update_reader()  # read (and drop) until the peer's side ends
         self._deadline = self._loop.call_later(self._shutdown_timeout, self._shutdown_timed_out)
-        if not self._close_notify_queued and self._control.error is None:
+        if not self._close_notify_queued and self._connection.error is None:
             try:
                 self._enqueue_close_notify()
             except OSError as exc:
@@ -995,7 +1029,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
             except OSError:
                 pass
             self._enqueue(_ControlRecord(ContentType.ALERT, self._fatal_alert))
-        elif not self.kernel_tx and self._handshake.outgoing.pending:
+        elif not self.kernel_tx and self._handshake is not None and self._handshake.outgoing.pending:
             self._enqueue(self._handshake.outgoing.read())  # OpenSSL's alert on fallback
         if not self._buffer or isinstance(exc, (ConnectionError, TimeoutError)):
             self._close_now()
@@ -1044,10 +1078,7 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "closing" if self._closing else f"fd={self._sock_fd}"
-        where = f"kernel tx={self.kernel_tx} rx={self.kernel_rx}"
-        if self.fallback_reason:
-            where += f", fallback: {self.fallback_reason}"
-        return f"<ktls.asyncio.KTLSTransport {state} {self._sslobj.version()} {where}>"
+        return f"<ktls.asyncio.KTLSTransport {state} {self._connection.describe()}>"
 
 
 def _set_result_once(waiter: asyncio.Future[None]) -> None:

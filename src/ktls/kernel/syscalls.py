@@ -101,8 +101,10 @@ def _raise_translated(
     exc: OSError, operation: str, table: dict[int, tuple[type[KTLSError], str]], default: type[KTLSError]
 ) -> NoReturn:
     """Raise the ktls exception ``table`` names for ``exc.errno`` (chained), or ``exc`` itself when it is not
-    a failure: non-blocking, interrupted and timed-out calls belong to the caller's I/O machinery."""
-    if isinstance(exc, (KTLSError, BlockingIOError, InterruptedError, TimeoutError)) or exc.errno is None:
+    kernel TLS's: non-blocking, interrupted and timed-out calls belong to the caller's I/O machinery, and
+    TCP's own failures (``ConnectionResetError``, ``BrokenPipeError``…) reach the caller as any socket's."""
+    passes = (KTLSError, BlockingIOError, InterruptedError, TimeoutError, ConnectionError)
+    if isinstance(exc, passes) or exc.errno is None:
         raise exc
     cls, what = table.get(exc.errno, (default, f"{operation} failed"))
     raise cls(exc.errno, what) from exc

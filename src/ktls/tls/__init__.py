@@ -7,7 +7,7 @@
 * :mod:`~ktls.tls.errors` — protocol errors, each carrying the alert to send.
 """
 
-from .errors import DecodeError, IllegalParameter, RecordOverflow, TLSProtocolError, UnexpectedMessage
+from .errors import DecodeError, IllegalParameter, RecordOverflowError, TLSProtocolError, UnexpectedMessage
 from .keylog import ConnectionSecrets, KeylogEntry, KeylogLabel, KeylogParser, Secret, iter_keylog, parse_keylog_line
 from .keyschedule import (
     KeyBlock,
@@ -45,7 +45,7 @@ __all__ = [
     "KeylogLabel",
     "KeylogParser",
     "RecordHeader",
-    "RecordOverflow",
+    "RecordOverflowError",
     "RecordReader",
     "Secret",
     "TLSProtocolError",

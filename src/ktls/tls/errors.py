@@ -12,12 +12,12 @@ arrive, a parser returns a value, asks for more, or raises a :class:`TLSProtocol
 from __future__ import annotations
 
 from ..constants import AlertDescription
-from ..errors import PeerMisbehaved, TLSProtocolError
+from ..errors import PeerMisbehaved, RecordOverflowError, TLSProtocolError
 
 __all__ = [
     "DecodeError",
     "IllegalParameter",
-    "RecordOverflow",
+    "RecordOverflowError",
     "TLSProtocolError",
     "UnexpectedMessage",
 ]
@@ -33,12 +33,6 @@ class UnexpectedMessage(PeerMisbehaved):
     """A record or handshake message of a type that is not allowed here (RFC 8446 §5, §6.2)."""
 
     alert = AlertDescription.unexpected_message
-
-
-class RecordOverflow(PeerMisbehaved):
-    """A record longer than TLS allows for its kind (RFC 8446 §5.1-5.2, RFC 5246 §6.2)."""
-
-    alert = AlertDescription.record_overflow
 
 
 class IllegalParameter(PeerMisbehaved):

@@ -18,9 +18,9 @@ What is proven, per version and role (RFC 8446 §7.1/§7.3, RFC 5246 §6.3/§7.4
   of its handshake also proves ``SERVER_TRAFFIC_SECRET_0`` — its send key — with the first ticket record
   (record 0 under it). What cannot be opened before the hand-off (``CLIENT_TRAFFIC_SECRET_0``: the client
   sends nothing under it until the handshake is over; a client's receive secret, proven later by its first
-  received record, :mod:`ktls.deferred`) comes from the same set of lines, which the capture has already
-  found unambiguous. Received records are tried in order, because a client may send rejected 0-RTT
-  records before its flight; at most :data:`~ktls.handshake.MAX_EVIDENCE_RECORDS` are kept.
+  received record, :meth:`ktls.connection.Connection.deferred_record`) comes from the same set of lines,
+  which the capture has already found unambiguous. Received records are tried in order, because a client
+  may send rejected 0-RTT records before its flight; at most :data:`~ktls.handshake.MAX_EVIDENCE_RECORDS` are kept.
 * **TLS 1.2.** The master secret gives both directions' keys; both Finished records (the first record after
   each ChangeCipherSpec, record 0 of its epoch) must open, and hold a 12-byte Finished message.
 

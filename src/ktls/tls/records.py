@@ -45,7 +45,7 @@ import dataclasses
 from collections.abc import Iterator
 
 from ..constants import MAX_CIPHERTEXT_TLS12, MAX_PLAINTEXT, RECORD_HEADER_SIZE, ContentType, HandshakeType
-from .errors import DecodeError, IllegalParameter, RecordOverflow, TLSProtocolError, UnexpectedMessage
+from .errors import DecodeError, IllegalParameter, RecordOverflowError, TLSProtocolError, UnexpectedMessage
 
 __all__ = [
     "HANDSHAKE_HEADER_SIZE",
@@ -88,7 +88,7 @@ def parse_record_header(data: _Bytes, *, max_length: int = MAX_CIPHERTEXT_TLS12)
     """Parse the first 5 bytes of ``data`` as a record header.
 
     Raises :class:`UnexpectedMessage` for an unknown content type (RFC 8446 §5), :class:`DecodeError` for a
-    version that is not TLS's or fewer than 5 bytes, :class:`RecordOverflow` for a length over
+    version that is not TLS's or fewer than 5 bytes, :class:`~ktls.errors.RecordOverflowError` for a length over
     ``max_length``.
     """
     if len(data) < RECORD_HEADER_SIZE:
@@ -102,7 +102,9 @@ def parse_record_header(data: _Bytes, *, max_length: int = MAX_CIPHERTEXT_TLS12)
         raise UnexpectedMessage(f"unknown record content type {type_byte}") from None
     length = len_hi << 8 | len_lo
     if length > max_length:
-        raise RecordOverflow(f"{content_type.name} record of {length} bytes, more than the {max_length} allowed")
+        raise RecordOverflowError(
+            None, f"{content_type.name} record of {length} bytes, more than the {max_length} allowed"
+        )
     return RecordHeader(content_type, major << 8 | minor, length)
 
 
