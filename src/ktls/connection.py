@@ -44,7 +44,7 @@ from .keys import ConnectionKeys
 from .sendbudget import SendBudget
 from .tls.suites import CipherSuite
 
-__all__ = ["Action", "Connection", "Deliver", "HandOffReceive", "Receiving", "Sending"]
+__all__ = ["Action", "Connection", "ConnectionState", "Deliver", "HandOffReceive", "Receiving", "Sending"]
 
 log = logging.getLogger("ktls")
 
@@ -350,3 +350,61 @@ class Connection:
         if self._fallback_reason:
             where += f", fallback: {self._fallback_reason}"
         return where
+
+
+class ConnectionState:
+    """What both front ends tell about their connection, read-only from its :class:`Connection` (one
+    definition for the blocking ``Stream`` and the asyncio transport)."""
+
+    _connection: Connection
+
+    @property
+    def kernel_tx(self) -> bool:
+        """The kernel holds the send key."""
+        return self._connection.kernel_tx
+
+    @property
+    def kernel_rx(self) -> bool:
+        """The kernel holds the receive key (a TLS 1.3 client: from the first application record on)."""
+        return self._connection.kernel_rx
+
+    @property
+    def receiving(self) -> Receiving:
+        """Who reads records now."""
+        return self._connection.receiving
+
+    @property
+    def sending(self) -> Sending:
+        """Who encrypts records now."""
+        return self._connection.sending
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why a direction stays in user space; ``None`` when the kernel has both (or will, at a TLS 1.3
+        client's first application record)."""
+        return self._connection.fallback_reason
+
+    @property
+    def rx_expect_no_pad(self) -> bool:
+        """TLS 1.3 receive with ``TLS_RX_EXPECT_NO_PAD`` (asked for with ``rx_expect_no_pad=True``)."""
+        return self._connection.rx_expect_no_pad
+
+    @property
+    def ragged_eof(self) -> bool:
+        """The read side ended with a TCP EOF and no close_notify (possible truncation, like ``SSLEOFError``)."""
+        return self._connection.ragged_eof
+
+    @property
+    def key_updates_received(self) -> int:
+        """The peer's TLS 1.3 KeyUpdates the kernel followed."""
+        return self._connection.key_updates_received
+
+    @property
+    def record_limit(self) -> int | None:
+        """Records sent under one key before it is replaced or the write side closes
+        (:attr:`Connection.record_limit`); settable, to exercise the limit."""
+        return self._connection.record_limit
+
+    @record_limit.setter
+    def record_limit(self, limit: int | None) -> None:
+        self._connection.record_limit = limit

@@ -58,7 +58,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
 from . import driver, handoff
-from .connection import Action, Connection, Deliver, HandOffReceive, Receiving, Sending
+from .connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from .control import Fail, InstallKey, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
 from .errors import KernelTLSFailure, KernelTLSUnavailable, RecordError, StreamClosed
@@ -141,7 +141,7 @@ def _unacknowledged(sock: socket.socket) -> int:
         return 0
 
 
-class Stream:
+class Stream(ConnectionState):
     """A connected TLS stream: a socket whose records the kernel protects (or, on fallback, OpenSSL).
 
     Behaves like ``ssl.SSLSocket``: ``recv``/``recv_into``/``send``/``sendall``/``sendfile``/``makefile``,
@@ -195,42 +195,7 @@ class Stream:
         stream._plaintext += early_data
         return stream
 
-    # -- state (the connection's, read-only) ---------------------------------------------------------------------
-
-    @property
-    def kernel_tx(self) -> bool:
-        """The kernel holds the send key."""
-        return self._connection.kernel_tx
-
-    @property
-    def kernel_rx(self) -> bool:
-        """The kernel holds the receive key (a TLS 1.3 client: from the first application record on)."""
-        return self._connection.kernel_rx
-
-    @property
-    def receiving(self) -> Receiving:
-        """Who reads records now (:class:`ktls.connection.Receiving`)."""
-        return self._connection.receiving
-
-    @property
-    def sending(self) -> Sending:
-        """Who encrypts records now (:class:`ktls.connection.Sending`)."""
-        return self._connection.sending
-
-    @property
-    def fallback_reason(self) -> str | None:
-        """Why a direction stays in user space; ``None`` when the kernel has both."""
-        return self._connection.fallback_reason
-
-    @property
-    def rx_expect_no_pad(self) -> bool:
-        """TLS 1.3 receive with ``TLS_RX_EXPECT_NO_PAD`` (``wrap_socket(..., rx_expect_no_pad=True)``)."""
-        return self._connection.rx_expect_no_pad
-
-    @property
-    def ragged_eof(self) -> bool:
-        """The read side ended with a TCP EOF and no close_notify (possible truncation)."""
-        return self._connection.ragged_eof
+    # -- state: ``kernel_tx``, ``receiving``… come from ConnectionState; this one is the Stream's own -----------
 
     @property
     def suppress_ragged_eofs(self) -> bool:
@@ -240,11 +205,6 @@ class Stream:
     @suppress_ragged_eofs.setter
     def suppress_ragged_eofs(self, value: bool) -> None:
         self._connection.suppress_ragged_eofs = value
-
-    @property
-    def key_updates_received(self) -> int:
-        """The peer's TLS 1.3 KeyUpdates the kernel followed."""
-        return self._connection.key_updates_received
 
     def _ssl(self) -> ssl.SSLObject:
         """OpenSSL's connection object: for userspace TLS, and for what it knows about the handshake."""
@@ -536,16 +496,6 @@ class Stream:
             total += len(block)
         file.seek(offset + total)
         return total
-
-    @property
-    def record_limit(self) -> int | None:
-        """Records sent under one key before it is replaced or the write side closes
-        (:attr:`ktls.connection.Connection.record_limit`); settable, to exercise the limit."""
-        return self._connection.record_limit
-
-    @record_limit.setter
-    def record_limit(self, limit: int | None) -> None:
-        self._connection.record_limit = limit
 
     def _count_records(self) -> None:
         """Near the AEAD's limit: the kernel's exact count, and a KeyUpdate (or the write side's end) if due."""

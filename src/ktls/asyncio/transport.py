@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any, Union
 
 from .. import handoff
-from ..connection import Action, Connection, Deliver, HandOffReceive, Receiving, Sending
+from ..connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
 from ..constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from ..control import Fail, InstallKey, ReadClosed, SendAlert, SendHandshake, SessionTicket, WriteClosed
 from ..errors import KernelTLSFailure, KTLSError, RecordError, StreamClosed
@@ -100,7 +100,7 @@ class _Step:
 _Item = Union[bytes, memoryview, _ControlRecord, _Step]  # noqa: UP007
 
 
-class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfile fallback insists on
+class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base asyncio's sendfile fallback insists on
     """A TLS transport whose records the kernel encrypts and decrypts (or, on fallback, OpenSSL).
 
     Built by :func:`ktls.asyncio.create_connection` / :func:`~ktls.asyncio.create_server`; supports
@@ -225,58 +225,6 @@ class KTLSTransport(transports._FlowControlMixin):  # the base asyncio's sendfil
         """OpenSSL holds decrypted bytes the protocol has not had (user space receives)."""
         userspace = self._connection.receiving is Receiving.USERSPACE
         return userspace and self._sslobj is not None and self._sslobj.pending() > 0
-
-    # -- state (the connection's, read-only) ----------------------------------------------------------------------
-
-    @property
-    def kernel_tx(self) -> bool:
-        """The kernel holds the send key."""
-        return self._connection.kernel_tx
-
-    @property
-    def kernel_rx(self) -> bool:
-        """The kernel holds the receive key (a TLS 1.3 client: from the first application record on)."""
-        return self._connection.kernel_rx
-
-    @property
-    def receiving(self) -> Receiving:
-        """Who reads records now (:class:`ktls.connection.Receiving`)."""
-        return self._connection.receiving
-
-    @property
-    def sending(self) -> Sending:
-        """Who encrypts records now (:class:`ktls.connection.Sending`)."""
-        return self._connection.sending
-
-    @property
-    def fallback_reason(self) -> str | None:
-        """Why a direction stays in user space; ``None`` when the kernel has both."""
-        return self._connection.fallback_reason
-
-    @property
-    def rx_expect_no_pad(self) -> bool:
-        """TLS 1.3 receive with ``TLS_RX_EXPECT_NO_PAD`` (``create_connection(..., rx_expect_no_pad=True)``)."""
-        return self._connection.rx_expect_no_pad
-
-    @property
-    def ragged_eof(self) -> bool:
-        """The read side ended with a TCP EOF and no close_notify (possible truncation, like ``SSLEOFError``)."""
-        return self._connection.ragged_eof
-
-    @property
-    def key_updates_received(self) -> int:
-        """The peer's TLS 1.3 KeyUpdates the kernel followed."""
-        return self._connection.key_updates_received
-
-    @property
-    def record_limit(self) -> int | None:
-        """Records sent under one key before it is replaced or the write side closes
-        (:attr:`ktls.connection.Connection.record_limit`); settable, to exercise the limit."""
-        return self._connection.record_limit
-
-    @record_limit.setter
-    def record_limit(self, limit: int | None) -> None:
-        self._connection.record_limit = limit
 
     # -- extra info -----------------------------------------------------------------------------------------------
 
