@@ -35,7 +35,7 @@ import ssl
 
 from .constants import MAX_PLAINTEXT, TLSVersion
 from .control import Action as ControlAction
-from .control import ControlRecords, Fail, InstallKey, ReadClosed, Role, WriteClosed
+from .control import ControlRecords, Fail, InstallKey, ReadClosed, Role
 from .errors import KernelTLSUnavailable, RaggedEOF, RecordError
 from .handoff import DeferredReceive, Installed
 from .handshake import Handshake
@@ -118,7 +118,6 @@ class Connection:
             if self._kernel_rx
             else Receiving.USERSPACE
         )
-        self._sending = Sending.KERNEL if self._kernel_tx else Sending.USERSPACE
 
     # -- state, read-only ---------------------------------------------------------------------------------------
 
@@ -128,9 +127,9 @@ class Connection:
 
     @property
     def sending(self) -> Sending:
-        if self._sending is not Sending.CLOSED and (self.control.write_closed or self.control.error is not None):
-            self._sending = Sending.CLOSED
-        return self._sending
+        if self.control.write_closed or self.control.error is not None:
+            return Sending.CLOSED
+        return Sending.KERNEL if self._kernel_tx else Sending.USERSPACE
 
     @property
     def version(self) -> TLSVersion:
@@ -334,13 +333,10 @@ class Connection:
             if isinstance(action, ReadClosed):
                 self._receiving = Receiving.CLOSED
                 self._deferred = None
-            elif isinstance(action, WriteClosed):
-                self._sending = Sending.CLOSED
             elif isinstance(action, InstallKey) and action.direction is Direction.TX:
                 self._budget.rekeyed()  # nothing more is counted against the old key: the KeyUpdate goes first
             elif isinstance(action, Fail):
                 self._receiving = Receiving.CLOSED
-                self._sending = Sending.CLOSED
                 self._deferred = None
         return list(actions)
 

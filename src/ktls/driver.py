@@ -22,7 +22,7 @@ from collections.abc import Generator
 from typing import TypeVar
 
 from . import handoff
-from .connection import Connection, Receiving
+from .connection import Connection, HandOffReceive, Receiving
 from .constants import TLSVersion
 from .control import Role
 from .errors import KernelTLSUnavailable
@@ -37,6 +37,7 @@ __all__ = [
     "Send",
     "drive",
     "establish",
+    "hand_off_receive",
     "run",
     "run_handshake",
     "take_over",
@@ -236,3 +237,12 @@ def take_over_with_keys(
     return Connection(
         suite.version, role, keys=keys, installed=installed, tx_seq=tx_seq, suppress_ragged_eofs=suppress_ragged_eofs
     )
+
+
+def hand_off_receive(sock: socket.socket, connection: Connection, action: HandOffReceive) -> None:
+    """Carry out :class:`~ktls.connection.HandOffReceive` (the end of the deferred window) for either front
+    end: the receive key to the kernel, and what the kernel said back to the connection."""
+    if action.info is None:
+        return  # unproven: the connection already stays in user space
+    refused, no_pad = handoff.give_receive_key(sock, action.info, connection.expect_no_pad)
+    connection.receive_handed_off(refused, no_pad=no_pad)

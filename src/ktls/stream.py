@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
-from . import driver, handoff
+from . import driver
 from .connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from .control import Fail, InstallKey, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
@@ -522,10 +522,7 @@ class Stream(ConnectionState):
             elif isinstance(action, Deliver):
                 self._plaintext += action.plaintext
             elif isinstance(action, HandOffReceive):
-                if action.info is not None:
-                    no_pad = self._connection.expect_no_pad
-                    refused, no_pad = handoff.give_receive_key(self._sock, action.info, no_pad)
-                    self._connection.receive_handed_off(refused, no_pad=no_pad)
+                driver.hand_off_receive(self._sock, self._connection, action)
             elif isinstance(action, WriteClosed):
                 self._half_close()
             elif isinstance(action, SessionTicket):

@@ -55,7 +55,7 @@ from asyncio import selector_events, transports, trsock
 from collections.abc import Callable, Iterable
 from typing import IO, Any, Union
 
-from .. import handoff
+from .. import driver
 from ..connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
 from ..constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from ..control import Fail, InstallKey, ReadClosed, SendAlert, SendHandshake, SessionTicket, WriteClosed
@@ -578,10 +578,7 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
             elif isinstance(action, Deliver):
                 self._plaintext += action.plaintext
             elif isinstance(action, HandOffReceive):
-                if action.info is not None:
-                    no_pad = self._connection.expect_no_pad
-                    refused, no_pad = handoff.give_receive_key(self._sock, action.info, no_pad)
-                    self._connection.receive_handed_off(refused, no_pad=no_pad)
+                driver.hand_off_receive(self._sock, self._connection, action)
                 if self._plaintext:
                     self._deliver_plaintext()
             elif isinstance(action, ReadClosed):
