@@ -63,6 +63,7 @@ from ..errors import KernelTLSFailure, KTLSError, RecordError, StreamClosed
 from ..handshake import Handshake
 from ..kernel import syscalls
 from ..kernel.uapi import CryptoInfo, Direction
+from ..userspace import UserspaceTLS
 from ._handshake import DEFAULT_SHUTDOWN_TIMEOUT
 
 __all__ = ["KTLSTransport"]
@@ -135,8 +136,8 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         self._set_write_buffer_limits()
         self._sock = sock
         self._sock_fd = sock.fileno()
-        self._handshake = handshake  # OpenSSL's side: user space, the deferred window, TLS information
-        self._sslobj = handshake.ssl_object if handshake is not None else None
+        self._sslobj = handshake.ssl_object if handshake is not None else None  # what the handshake says
+        self._userspace = UserspaceTLS(handshake, connection) if handshake is not None else None
         self._connection = connection  # every protocol decision (ktls.connection)
         self._shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
         self._server = server
@@ -224,7 +225,7 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
     def _userspace_pending(self) -> bool:
         """OpenSSL holds decrypted bytes the protocol has not had (user space receives)."""
         userspace = self._connection.receiving is Receiving.USERSPACE
-        return userspace and self._sslobj is not None and self._sslobj.pending() > 0
+        return userspace and self._userspace is not None and self._userspace.pending > 0
 
     # -- extra info -----------------------------------------------------------------------------------------------
 
@@ -389,22 +390,15 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
     def _read_deferred(self) -> bool:
         """TLS 1.3 client before the first application record: OpenSSL reads, exactly one record at a time
         (:meth:`ktls.connection.Connection.deferred_record` says what each meant)."""
-        handshake = self._handshake
-        assert handshake is not None
+        userspace = self._openssl()
         progress = False
         while self._connection.receiving is Receiving.DEFERRED and self._want_reader() and not self._paused:
             try:
-                data = self._sock.recv(handshake.bytes_needed())
+                data = self._sock.recv(userspace.deferred_wanted())
             except (BlockingIOError, InterruptedError):
                 return progress
             progress = True
-            if not data:
-                self._connection.end_of_stream()
-                self._on_eof()
-                return True
-            record = handshake.receive(data)
-            if record is not None:  # else the record is not whole yet
-                self._run(self._connection.deferred_record(handshake, record))
+            self._run(userspace.deferred_received(data))
         return progress
 
     def _read_userspace(self) -> bool:
@@ -413,55 +407,39 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
             data = self._sock.recv(self.max_size)
         except (BlockingIOError, InterruptedError):
             return False
-        assert self._handshake is not None
-        if data:
-            self._handshake.incoming.write(data)
-        else:
-            self._handshake.incoming.write_eof()
+        self._openssl().received(data)
         self._pump_userspace()
         return True
 
     def _pump_userspace(self) -> None:
-        assert self._sslobj is not None
+        userspace = self._openssl()
         try:
             while not self._paused and not self._closing and not self._read_done:
-                try:
-                    if self._buffered:
-                        buf = self._get_buffer()
-                        nbytes = int(self._sslobj.read(len(buf), buf))  # typeshed says bytes: it is the count
-                        if not nbytes:
-                            self._peer_closed()
-                            break
+                if self._buffered:
+                    buf = self._get_buffer()
+                    nbytes = userspace.read_into(buf)
+                    if nbytes:
                         self._buffered_protocol().buffer_updated(nbytes)
-                    else:
-                        data = self._sslobj.read(self.max_size)
-                        if not data:
-                            self._peer_closed()
-                            break
+                        continue
+                else:
+                    data = userspace.read(self.max_size)
+                    if data:
                         self._protocol_data(data)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    self._peer_closed()
-                    break
-                except ssl.SSLEOFError:
-                    self._connection.end_of_stream()
+                        continue
+                if self._connection.receiving is Receiving.CLOSED:
                     self._on_eof()
-                    break
+                break
         finally:
-            self._flush_openssl_output()
+            # What OpenSSL wrote while reading (a KeyUpdate answer, an alert): ours to send on fallback; under
+            # a key the kernel owns otherwise, so never sent.
+            output = userspace.output()
+            if output and not self.kernel_tx and not self._lost:
+                self._enqueue(output)
+                self._flush()
 
-    def _flush_openssl_output(self) -> None:
-        """What OpenSSL wrote while reading (a KeyUpdate answer, an alert): ours to send on fallback; under a key
-        the kernel owns otherwise, so never sent."""
-        assert self._handshake is not None
-        outgoing = self._handshake.outgoing
-        if not outgoing.pending:
-            return
-        data = outgoing.read()
-        if not self.kernel_tx and not self._lost:
-            self._enqueue(data)
-            self._flush()
+    def _openssl(self) -> UserspaceTLS:
+        assert self._userspace is not None, "built from keys: the kernel has both directions"
+        return self._userspace
 
     def _get_buffer(self) -> memoryview:
         buf = memoryview(self._buffered_protocol().get_buffer(-1)).cast("B")
@@ -503,11 +481,6 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         except Exception as exc:
             self._fatal_error(exc)
 
-    def _peer_closed(self) -> None:
-        """OpenSSL read the peer's close_notify."""
-        self._connection.closed_by_peer()
-        self._on_eof()
-
     def _on_eof(self) -> None:
         """The peer's side ended (close_notify or a bare TCP EOF: ``ragged_eof`` tells)."""
         if self._read_done:
@@ -542,12 +515,12 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
                 if not data:
                     self._connection.end_of_stream()
                     self._on_eof()
-                elif self._connection.receiving is Receiving.USERSPACE and self._sslobj is not None:
-                    assert self._handshake is not None
-                    self._handshake.incoming.write(data)
-                    while self._sslobj.read(self.max_size):
-                        pass
-                    self._peer_closed()  # read() returned b"": the peer's close_notify
+                elif self._connection.receiving is Receiving.USERSPACE and self._userspace is not None:
+                    self._userspace.received(data)
+                    while chunk := self._userspace.read(self.max_size):
+                        pass  # dropped: the application closed
+                    if chunk is not None:  # b"": the read side ended
+                        self._on_eof()
         except (BlockingIOError, InterruptedError):
             return False
         except ssl.SSLWantReadError:
@@ -640,14 +613,12 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         if connection.sending is Sending.KERNEL:
             self._send_or_queue(data)
             return
-        assert self._sslobj is not None
-        assert self._handshake is not None
         try:
-            self._sslobj.write(data)
+            ciphertext = self._openssl().encrypt(data)[1]
         except ssl.SSLError as exc:
             self._fatal_error(exc)
             return
-        self._send_or_queue(self._handshake.outgoing.read())
+        self._send_or_queue(ciphertext)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         self.write(b"".join(list_of_data))
@@ -804,15 +775,9 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         if self._connection.kernel_tx:
             self._run(self._connection.close_write())  # close_notify and SHUT_WR, behind what is queued
             return
-        assert self._sslobj is not None
-        assert self._handshake is not None
         if self._connection.close_write():
-            try:
-                self._sslobj.unwrap()
-            except ssl.SSLError:
-                pass  # SSLWantReadError: close_notify written, the peer's not read yet
-            if self._handshake.outgoing.pending:
-                self._enqueue(self._handshake.outgoing.read())
+            if close_notify := self._openssl().close_notify():
+                self._enqueue(close_notify)
             self._enqueue(_Step(self._shut_wr, "shutdown(SHUT_WR)"))
 
     # -- sendfile ---------------------------------------------------------------------------------------------------
@@ -967,15 +932,9 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         self._buffer_size = 0
         self._sendfile_active = False
         if self._fatal_alert is not None and self.kernel_tx:
-            # A record the kernel could not decrypt (EBADMSG) leaves the socket's error set, and every send
-            # fails with it until it is read: read it, so that the alert can go out.
-            try:
-                self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            except OSError:
-                pass
             self._enqueue(_ControlRecord(ContentType.ALERT, self._fatal_alert))
-        elif not self.kernel_tx and self._handshake is not None and self._handshake.outgoing.pending:
-            self._enqueue(self._handshake.outgoing.read())  # OpenSSL's alert on fallback
+        elif not self.kernel_tx and self._userspace is not None and (alert := self._userspace.output()):
+            self._enqueue(alert)  # OpenSSL's alert on fallback
         if not self._buffer or isinstance(exc, (ConnectionError, TimeoutError)):
             self._close_now()
             return

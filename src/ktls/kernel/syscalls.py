@@ -264,6 +264,12 @@ def send_record(sock: socket.socket, content_type: ContentType | int, data: byte
 
     Application data can go through plain ``send``; this is for alerts and handshake messages (KeyUpdate).
     Returns the number of bytes accepted, like ``send``.
+
+    A receive error (``EBADMSG``, ``EMSGSIZE``…) stays pending on the socket (``sk_err``), and the kernel's
+    ``sendmsg`` reports it instead of sending (``net/tls/tls_sw.c``: the send loop of ``tls_sw_sendmsg``
+    starts with ``if (sk->sk_err) … goto send_end``): the alert telling the peer about that very error would
+    never leave. So when ``sendmsg`` fails with the error ``SO_ERROR`` holds, reading it has consumed it, and
+    the record is sent once more.
     """
     cmsg = [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes([int(content_type)]))]
     with _translate_errors(
@@ -271,6 +277,13 @@ def send_record(sock: socket.socket, content_type: ContentType | int, data: byte
         {errno.EINVAL: (KernelTLSConfigError, "the kernel refused the record (is TLS_TX configured?)")},
         KernelTLSFailure,
     ):
+        try:
+            return sock.sendmsg([data], cmsg, flags)
+        except (BlockingIOError, InterruptedError, ConnectionError):
+            raise
+        except OSError as exc:
+            if exc.errno is None or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != exc.errno:
+                raise
         return sock.sendmsg([data], cmsg, flags)
 
 
