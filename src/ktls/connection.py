@@ -132,8 +132,9 @@ class Connection:
         return Sending.KERNEL if self._kernel_tx else Sending.USERSPACE
 
     @property
-    def version(self) -> TLSVersion:
-        return self.control.version
+    def version(self) -> ssl.TLSVersion:
+        """The negotiated protocol version, by the stdlib's name (``ssl.TLSVersion.TLSv1_3``…)."""
+        return ssl.TLSVersion(int(self.control.version))
 
     @property
     def role(self) -> Role:
@@ -280,7 +281,7 @@ class Connection:
     @property
     def expect_no_pad(self) -> bool:
         """The application asked for ``TLS_RX_EXPECT_NO_PAD`` (the I/O layer sets it after a hand-off)."""
-        return self._expect_no_pad and self.version is TLSVersion.TLS1_3
+        return self._expect_no_pad and self.control.version is TLSVersion.TLS1_3
 
     def receive_handed_off(self, refused: str | None, *, no_pad: bool = False) -> None:
         """What the kernel said to :class:`HandOffReceive`: ``refused`` is why it did not take the key."""
@@ -342,7 +343,7 @@ class Connection:
 
     def describe(self) -> str:
         """For ``repr``: where each direction is, and why not the kernel (never a key)."""
-        where = f"{self.version.label} rx={self._receiving.value} tx={self.sending.value}"
+        where = f"{self.control.version.label} rx={self._receiving.value} tx={self.sending.value}"
         if self._fallback_reason:
             where += f", fallback: {self._fallback_reason}"
         return where

@@ -771,7 +771,7 @@ class Stream(ConnectionState):
 
     def version(self) -> str | None:
         if self._sslobj is None:
-            return self._connection.version.label
+            return self._connection.control.version.label
         return self._sslobj.version()
 
     def cipher(self) -> tuple[str, str, int] | None:

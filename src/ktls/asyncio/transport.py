@@ -53,7 +53,7 @@ import warnings
 from asyncio import constants as asyncio_constants
 from asyncio import selector_events, transports, trsock
 from collections.abc import Callable, Iterable
-from typing import IO, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 
 from .. import driver
 from ..connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
@@ -132,8 +132,6 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
     ) -> None:
         super().__init__(None, loop)
         self._loop: asyncio.AbstractEventLoop = loop
-        self._protocol_paused = False
-        self._set_write_buffer_limits()
         self._sock = sock
         self._sock_fd = sock.fileno()
         self._sslobj = handshake.ssl_object if handshake is not None else None  # what the handshake says
@@ -715,48 +713,16 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
             if not waiter.done():
                 waiter.set_result(None)
 
-    # -- write flow control (asyncio's _FlowControlMixin, which typeshed does not describe) --------------------------
+    # -- write flow control: asyncio's _FlowControlMixin, over our queue's size -----------------------------------
 
     def get_write_buffer_size(self) -> int:
         return self._buffer_size
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low_water, self._high_water)
+    if TYPE_CHECKING:  # what the mixin does, which typeshed does not describe
 
-    def _set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water = high
-        self._low_water = low
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._set_write_buffer_limits(high=high, low=low)
-        self._maybe_pause_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if self._buffer_size <= self._high_water or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except Exception as exc:
-            self._protocol_callback_failed("pause_writing", exc)
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and self._buffer_size <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except Exception as exc:
-                self._protocol_callback_failed("resume_writing", exc)
-
-    def _protocol_callback_failed(self, name: str, exc: Exception) -> None:
-        context = {"message": f"protocol.{name}() failed", "exception": exc, "transport": self}
-        self._loop.call_exception_handler(context)
+        def _set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+        def _maybe_pause_protocol(self) -> None: ...
+        def _maybe_resume_protocol(self) -> None: ...
 
     def can_write_eof(self) -> bool:
         return True
