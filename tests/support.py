@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 
 from certs import CertFiles
-from ktls.driver import run_handshake as _drive_handshake
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake, HandshakeResult
-from ktls.keylog_capture import KeylogCapture
-from ktls.keys import ConnectionKeys
+from ktls.core.driver import run_handshake as _drive_handshake
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake, HandshakeResult
+from ktls.core.keylog_capture import KeylogCapture
+from ktls.core.keys import ConnectionKeys
 
 __all__ = ["Background", "contexts", "free_port", "handshake_keys", "wait_for_port"]
 

@@ -22,6 +22,7 @@ import ktls.asyncio
 from aio_support import run
 from certs import CertFiles
 from ktls.constants import AlertDescription, ContentType, TLSVersion
+from ktls.core.keys import ConnectionKeys
 from ktls.errors import (
     AlertReceived,
     PeerMisbehaved,
@@ -31,7 +32,6 @@ from ktls.errors import (
     RekeyUnsupported,
 )
 from ktls.kernel import CryptoInfo, Direction, KernelSupport
-from ktls.keys import ConnectionKeys
 from reference_tls import TLS13, RecordProtection
 from support import contexts, handshake_keys
 

@@ -12,11 +12,11 @@ import socket
 import pytest
 
 import ktls.asyncio
-from ktls.connection import Receiving, Sending
 from ktls.constants import AlertDescription, AlertLevel, ContentType
+from ktls.core.connection import Receiving, Sending
+from ktls.core.keys import ConnectionKeys
 from ktls.errors import RecordAuthenticationError
 from ktls.kernel import KernelSupport
-from ktls.keys import ConnectionKeys
 from ktls.tls.suites import suite_by_openssl_name
 from test_stream_hostile import TIMEOUT, Hostile, tls13_protection
 

@@ -1,4 +1,4 @@
-"""The connection core alone (:mod:`ktls.connection`), fed events as plain values: no socket, milliseconds.
+"""The connection core alone (:mod:`ktls.core.connection`), fed events as plain values: no socket, milliseconds.
 
 Every event in every state, then hypothesis-driven sequences of events: whatever a peer sends and whatever
 the application does, the only exceptions are the typed ones, nothing is done after the end, a fatal alert
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktls.connection import Connection, Deliver, HandOffReceive, Receiving, Sending
 from ktls.constants import AlertDescription, AlertLevel, ContentType, TLSVersion
-from ktls.control import (
+from ktls.core.connection import Connection, Deliver, HandOffReceive, Receiving, Sending
+from ktls.core.control import (
     ControlRecords,
     Fail,
     InstallKey,
@@ -27,6 +27,7 @@ from ktls.control import (
     WriteClosed,
     key_update_message,
 )
+from ktls.core.handoff import Installed
 from ktls.errors import (
     KernelTLSUnavailable,
     KTLSError,
@@ -35,7 +36,6 @@ from ktls.errors import (
     RecordOverflowError,
     StreamClosed,
 )
-from ktls.handoff import Installed
 from ktls.kernel import CipherType, CryptoInfo, Direction
 
 TLS12, TLS13 = TLSVersion.TLS1_2, TLSVersion.TLS1_3
@@ -287,6 +287,6 @@ def test_deferred_window_needs_one() -> None:
 
 def _unused_handshake() -> Any:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    from ktls.handshake import Handshake
+    from ktls.core.handshake import Handshake
 
     return Handshake(context, server_side=False)

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ktls.constants import AlertDescription, AlertLevel, ContentType, TLSVersion
-from ktls.control import (
+from ktls.core.control import (
     Action,
     ControlRecords,
     Fail,
@@ -223,7 +223,7 @@ def test_any_input_gives_actions_or_a_typed_failure(
 
 
 def test_key_update_flood_is_refused() -> None:
-    from ktls.control import MAX_KEY_UPDATES_WITHOUT_DATA
+    from ktls.core.control import MAX_KEY_UPDATES_WITHOUT_DATA
 
     state = machine()
     for _ in range(MAX_KEY_UPDATES_WITHOUT_DATA):
@@ -237,7 +237,7 @@ def test_key_update_flood_is_refused() -> None:
 def test_tls12_warning_alert_flood_is_refused_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     """RFC 5246 sets no bound on warning alerts; OpenSSL refuses the sixth in a row without data
     (``MAX_WARN_ALERT_COUNT``), and so do we. Only the first one of a connection is logged at WARNING."""
-    from ktls.control import MAX_WARNING_ALERTS_WITHOUT_DATA
+    from ktls.core.control import MAX_WARNING_ALERTS_WITHOUT_DATA
 
     state = machine(TLS12)
     warning = bytes([AlertLevel.WARNING, AlertDescription.no_renegotiation])

@@ -1,6 +1,6 @@
 """The proof that the key log's secrets are the connection's own (:mod:`ktls.tls.proof`), on real handshakes.
 
-Our handshake driver (``Handshake`` over a socket, as :func:`ktls.driver.run_handshake` runs it) meets a
+Our handshake driver (``Handshake`` over a socket, as :func:`ktls.core.driver.run_handshake` runs it) meets a
 stock ``ssl`` peer in a thread, for TLS 1.3 and three TLS 1.2 AEADs (GCM, ChaCha20-Poly1305, CCM), ours as
 server and as client. The proof must accept the connection's own secrets and refuse everything else: another
 connection's secrets, evidence altered by one bit, a TLS 1.3 server's application secret taken from another
@@ -22,11 +22,11 @@ import pytest
 
 from certs import CertFiles
 from ktls.constants import TLSVersion
-from ktls.driver import run_handshake as _drive_handshake
+from ktls.core.driver import run_handshake as _drive_handshake
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake, HandshakeResult
+from ktls.core.keylog_capture import KeylogCapture, SecretClaim
 from ktls.errors import KernelTLSUnavailable
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake, HandshakeResult
-from ktls.keylog_capture import KeylogCapture, SecretClaim
 from ktls.tls.keylog import ConnectionSecrets, KeylogLabel, Secret
 from ktls.tls.proof import HandshakeEvidence, SecretsNotProven, prove_secrets
 from ktls.tls.suites import CipherSuite, suite_by_name, suite_by_openssl_name

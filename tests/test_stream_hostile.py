@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from ktls import Stream
 from ktls.constants import AlertDescription, AlertLevel, ContentType, HandshakeType, TLSVersion
-from ktls.control import MAX_KEY_UPDATES_WITHOUT_DATA
+from ktls.core.control import MAX_KEY_UPDATES_WITHOUT_DATA
+from ktls.core.keys import ConnectionKeys
 from ktls.errors import (
     AlertReceived,
     KTLSError,
@@ -38,7 +39,6 @@ from ktls.errors import (
     StreamClosed,
 )
 from ktls.kernel import KernelSupport
-from ktls.keys import ConnectionKeys
 from ktls.tls.keyschedule import TrafficKeys
 from ktls.tls.suites import suite_by_openssl_name
 from reference_tls import TLS12, TLS13, OpenedRecord, RecordProtection, split_records

@@ -57,16 +57,16 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
-from . import driver
-from .connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
-from .control import Fail, InstallKey, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from .core import driver
+from .core.connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
+from .core.control import Fail, InstallKey, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from .core.handshake import Handshake
+from .core.keys import ConnectionKeys
+from .core.userspace import UserspaceTLS
 from .errors import KernelTLSUnavailable, RecordError, StreamClosed
-from .handshake import Handshake
 from .kernel import syscalls
 from .kernel.uapi import Direction
-from .keys import ConnectionKeys
-from .userspace import UserspaceTLS
 
 __all__ = ["Stream", "wrap_socket"]
 

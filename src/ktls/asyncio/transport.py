@@ -55,15 +55,15 @@ from asyncio import selector_events, transports, trsock
 from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Any, Union
 
-from .. import driver
-from ..connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
 from ..constants import MAX_PLAINTEXT, AlertLevel, ContentType
-from ..control import Fail, InstallKey, ReadClosed, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from ..core import driver
+from ..core.connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
+from ..core.control import Fail, InstallKey, ReadClosed, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from ..core.handshake import Handshake
+from ..core.userspace import UserspaceTLS
 from ..errors import KernelTLSFailure, KTLSError, RecordError, StreamClosed
-from ..handshake import Handshake
 from ..kernel import syscalls
 from ..kernel.uapi import CryptoInfo, Direction
-from ..userspace import UserspaceTLS
 from ._handshake import DEFAULT_SHUTDOWN_TIMEOUT
 
 __all__ = ["KTLSTransport"]

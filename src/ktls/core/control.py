@@ -37,8 +37,8 @@ import logging
 from collections.abc import Callable
 from typing import Union
 
-from .constants import AlertDescription, AlertLevel, ContentType, HandshakeType, TLSVersion
-from .errors import (
+from ..constants import AlertDescription, AlertLevel, ContentType, HandshakeType, TLSVersion
+from ..errors import (
     AlertReceived,
     KTLSError,
     PeerMisbehaved,
@@ -46,7 +46,7 @@ from .errors import (
     RekeyUnsupported,
     StreamClosed,
 )
-from .kernel.uapi import CryptoInfo, Direction
+from ..kernel.uapi import CryptoInfo, Direction
 
 __all__ = [
     "Action",

@@ -33,16 +33,16 @@ import enum
 import logging
 import ssl
 
-from .constants import MAX_PLAINTEXT, TLSVersion
+from ..constants import MAX_PLAINTEXT, TLSVersion
+from ..errors import KernelTLSUnavailable, RaggedEOF, RecordError
+from ..kernel.uapi import CryptoInfo, Direction
+from ..tls.suites import CipherSuite
 from .control import Action as ControlAction
 from .control import ControlRecords, Fail, InstallKey, ReadClosed, Role
-from .errors import KernelTLSUnavailable, RaggedEOF, RecordError
 from .handoff import DeferredReceive, Installed
 from .handshake import Handshake
-from .kernel.uapi import CryptoInfo, Direction
 from .keys import ConnectionKeys
 from .sendbudget import SendBudget
-from .tls.suites import CipherSuite
 
 __all__ = ["Action", "Connection", "ConnectionState", "Deliver", "HandOffReceive", "Receiving", "Sending"]
 

@@ -21,11 +21,11 @@ import ssl
 from collections.abc import Generator
 from typing import TypeVar
 
+from ..constants import TLSVersion
+from ..errors import KernelTLSUnavailable
 from . import handoff
 from .connection import Connection, HandOffReceive, Receiving
-from .constants import TLSVersion
 from .control import Role
-from .errors import KernelTLSUnavailable
 from .handshake import Handshake, HandshakeResult
 from .keys import ConnectionKeys
 
