@@ -186,6 +186,9 @@ HANDSHAKES = [
     key_update_message(False) + key_update_message(False),  # KeyUpdate not last in its record
     bytes((4, 0, 0, 5)) + bytes(5),  # NewSessionTicket
     bytes((0, 0, 0, 0)),  # HelloRequest
+    key_update_message(False)[:2],  # the start of a message split across records
+    key_update_message(False)[2:],  # and its end
+    b"",  # an empty handshake record
     bytes((1, 0, 0, 2, 3, 3)),  # ClientHello
     bytes((13, 0, 0, 0)),  # CertificateRequest
     bytes((24, 0, 0)),  # a message cut by the record's end
@@ -213,8 +216,7 @@ def apply(connection: Connection, name: str, argument: Any) -> list[Any]:
     if name == "record":
         return list(connection.control_record(int(argument[0]), argument[1]))
     if name == "data":
-        connection.application_data()
-        return []
+        return list(connection.application_data())
     if name == "refused":
         return list(connection.receive_failed(argument(74, "refused")))
     if name == "eof":
@@ -290,3 +292,20 @@ def _unused_handshake() -> Any:
     from ktls.core.handshake import Handshake
 
     return Handshake(context, server_side=False)
+
+
+def test_application_data_interrupting_a_tls13_handshake_message_ends_the_connection() -> None:
+    """RFC 8446 §5.1 through the core: the hot-path call answers with the alert once a fragment is pending."""
+    connection = kernel_connection(TLS13)
+    assert connection.application_data() == []
+    assert connection.control_record(ContentType.HANDSHAKE, key_update_message(False)[:3]) == []
+    actions = connection.application_data()
+    assert actions[0] == SendAlert(AlertLevel.FATAL, AlertDescription.unexpected_message)
+    assert isinstance(actions[1], Fail)
+    assert connection.receiving is Receiving.CLOSED
+    assert connection.sending is Sending.CLOSED
+
+
+def test_version_is_the_stdlib_enum() -> None:
+    assert kernel_connection(TLS13).version is ssl.TLSVersion.TLSv1_3
+    assert kernel_connection(TLS12).version is ssl.TLSVersion.TLSv1_2

@@ -328,7 +328,8 @@ class Stream(ConnectionState):
         if so, the state machine hears of it (it ends a KeyUpdate exchange)."""
         if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
             return False
-        self._connection.application_data()
+        if actions := self._connection.application_data():
+            self._run(actions)  # it interrupted a handshake message: the alert, then the error
         return True
 
     def _kernel_record(self, content_type: ContentType | int | None, data: bytes) -> int | None:

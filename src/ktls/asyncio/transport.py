@@ -342,7 +342,8 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
                 buf = self._get_buffer()
                 content_type, nbytes, end = syscalls.recv_record_into(self._sock, buf)
                 if content_type == ContentType.APPLICATION_DATA:
-                    self._connection.application_data()
+                    if actions := self._connection.application_data():
+                        self._run(actions)  # it interrupted a handshake message: the alert, then the error
                     self._buffered_protocol().buffer_updated(nbytes)
                     return True
                 data = bytes(memoryview(buf)[:nbytes])
@@ -350,7 +351,8 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
                 record = syscalls.recv_record(self._sock, self.max_size)
                 content_type, data, end = record.content_type, record.data, record.end_of_record
                 if content_type == ContentType.APPLICATION_DATA:
-                    self._connection.application_data()
+                    if actions := self._connection.application_data():
+                        self._run(actions)
                     self._protocol_data(data)
                     return True
         except (BlockingIOError, InterruptedError):

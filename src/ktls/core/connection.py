@@ -198,11 +198,12 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
-    def application_data(self) -> None:
-        """Application data arrived: the KeyUpdates and warnings before it were not a flood (the hot path:
-        one attribute test)."""
+    def application_data(self) -> list[Action]:
+        """Application data arrived: the KeyUpdates and warnings before it were not a flood; a handshake
+        message it interrupts is fatal (the hot path: one attribute test, then nothing to do)."""
         if self.control.control_since_data:
-            self.control.application_data_received()
+            return self._note(self.control.application_data_received())
+        return []
 
     def control_record(self, content_type: int, payload: bytes) -> list[Action]:
         """A record of another type than application data arrived, decrypted (:mod:`ktls.control` decides)."""

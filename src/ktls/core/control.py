@@ -11,8 +11,12 @@ The rules, each where it is enforced below:
 * Alerts (RFC 8446 §6, RFC 5246 §7.2): close_notify ends the read side; in TLS 1.2 it must also be answered
   with our own close_notify and the connection closed. Fatal alerts end the connection with
   :class:`~ktls.errors.AlertReceived`. TLS 1.2 warnings are ignored; in TLS 1.3 every alert but
-  close_notify and user_canceled is fatal whatever its level. An alert record that is not exactly two bytes
-  is a ``decode_error``.
+  close_notify and user_canceled is fatal whatever its level. An empty alert record is an
+  ``unexpected_message`` (RFC 8446 §5.1, as OpenSSL answers it); one that is not exactly two bytes (one byte,
+  two alerts coalesced) is a ``decode_error``.
+* Handshake records: never empty, also mid-message (``unexpected_message``, RFC 8446 §5.1); a message may
+  span records, but in TLS 1.3 no other record type may come between its fragments (``unexpected_message``,
+  RFC 8446 §5.1; TLS 1.2 allows interleaving, RFC 5246 §6.2.1).
 * TLS 1.3 post-handshake messages (RFC 8446 §4.6): NewSessionTicket is only valid toward a client.
   KeyUpdate must be alone in its record (§5.1: handshake messages must not span key changes; the kernel
   also only recognises a KeyUpdate that starts a record), carry one byte of 0 or 1, and makes us install
@@ -167,6 +171,8 @@ class ControlRecords:
         """Decide what a received non-application record means."""
         if self.error is not None:
             return [Fail(self.error)]
+        if self._pending and content_type != ContentType.HANDSHAKE and self.version is TLSVersion.TLS1_3:
+            return self._interleaved(content_type)
         if content_type == ContentType.ALERT:
             return self._alert(payload)
         if content_type == ContentType.HANDSHAKE:
@@ -181,7 +187,18 @@ class ControlRecords:
         # connection with an unexpected_message alert."
         return self._abort(AlertDescription.unexpected_message, f"record of unknown content type {content_type}")
 
+    def _interleaved(self, content_type: int) -> list[Action]:
+        # RFC 8446 §5.1: "Handshake messages MUST NOT be interleaved with other record types" — a TLS 1.3
+        # message split across records must be whole before any other record (OpenSSL: "mixed handshake and
+        # non handshake data"). TLS 1.2 allows it (RFC 5246 §6.2.1: types "MAY be interleaved").
+        what = f"a handshake message interrupted by a {_type_name(content_type)} record"
+        return self._abort(AlertDescription.unexpected_message, what)
+
     def _alert(self, payload: bytes) -> list[Action]:
+        if not payload:
+            # RFC 8446 §5.1: "Implementations MUST NOT send zero-length fragments of Handshake or Alert types";
+            # OpenSSL's record layer answers one with unexpected_message, and so do we.
+            return self._abort(AlertDescription.unexpected_message, "empty alert record")
         if len(payload) != 2:
             # RFC 8446 §6 / RFC 5246 §7.2: an alert is exactly level + description.
             return self._abort(AlertDescription.decode_error, f"alert record of {len(payload)} bytes")
@@ -236,6 +253,10 @@ class ControlRecords:
         return [Fail(self.error)]
 
     def _handshake(self, payload: bytes) -> list[Action]:
+        if not payload:
+            # RFC 8446 §5.1: "Implementations MUST NOT send zero-length fragments of Handshake types", also
+            # in the middle of a message.
+            return self._abort(AlertDescription.unexpected_message, "empty handshake record")
         data = self._pending + payload
         self._pending = b""
         messages: list[bytes] = []
@@ -249,9 +270,6 @@ class ControlRecords:
             messages.append(data[offset : offset + 4 + length])
             offset += 4 + length
         rest = data[offset:]
-        if not messages and not rest:
-            # RFC 8446 §5.1: "Implementations MUST NOT send zero-length fragments of Handshake types."
-            return self._abort(AlertDescription.unexpected_message, "empty handshake record")
         actions: list[Action] = []
         for index, message in enumerate(messages):
             last_in_record = index == len(messages) - 1 and not rest
@@ -259,6 +277,8 @@ class ControlRecords:
             if any(isinstance(a, Fail) for a in actions):
                 return actions
         self._pending = rest
+        if rest:
+            self.control_since_data += 1  # so that application data checks it is not interleaved (below)
         return actions
 
     def _handshake_message(self, message: bytes, last_in_record: bool) -> list[Action]:
@@ -315,9 +335,15 @@ class ControlRecords:
             actions += self.key_update(request_peer_update=False)
         return actions
 
-    def application_data_received(self) -> None:
-        """Application data arrived: KeyUpdates and warning alerts before it were not a flood."""
+    def application_data_received(self) -> list[Action]:
+        """Application data arrived: KeyUpdates and warning alerts before it were not a flood — unless it
+        interrupts a TLS 1.3 handshake message split across records (RFC 8446 §5.1), which is fatal."""
+        if self.error is not None:
+            return [Fail(self.error)]
+        if self._pending and self.version is TLSVersion.TLS1_3:
+            return self._interleaved(ContentType.APPLICATION_DATA)
         self.key_updates_since_data = self.warning_alerts_since_data = self.control_since_data = 0
+        return []
 
     # -- sending -------------------------------------------------------------------------------------------------
 
@@ -384,6 +410,13 @@ def _alert_name(description: int) -> str:
         return AlertDescription(description).name
     except ValueError:
         return f"alert {description}"
+
+
+def _type_name(content_type: int) -> str:
+    try:
+        return ContentType(content_type).name
+    except ValueError:
+        return f"type {content_type}"
 
 
 def _handshake_name(kind: int) -> str:
