@@ -13,6 +13,7 @@ from ktls.core.control import (
     Fail,
     InstallKey,
     ReadClosed,
+    ResumeReceive,
     Role,
     SendAlert,
     SendHandshake,
@@ -122,12 +123,28 @@ def test_empty_handshake_record_is_unexpected_also_mid_message(version: TLSVersi
 
 @pytest.mark.parametrize("split", range(1, len(key_update_message(False))))
 def test_key_update_split_across_records_is_accepted(split: int) -> None:
-    """A KeyUpdate may span records as long as it ends its last one (RFC 8446 §5.1)."""
+    """A KeyUpdate may span records as long as it ends its last one (RFC 8446 §5.1). Its first record makes
+    Linux ≥ 6.14 pause receiving: the current key goes back in (ResumeReceive) to read the rest."""
     state = machine()
     message = key_update_message(False)
-    assert state.receive_record(ContentType.HANDSHAKE, message[:split]) == []
+    assert state.receive_record(ContentType.HANDSHAKE, message[:split]) == [ResumeReceive()]
     actions = state.receive_record(ContentType.HANDSHAKE, message[split:])
     assert actions == [InstallKey(Direction.RX, next_key(Direction.RX))]
+
+
+def test_a_fragment_that_starts_with_the_key_update_byte_resumes_receiving() -> None:
+    """The kernel looks at a record's first byte only: a ticket fragment starting with 24 pauses it too."""
+    ticket = bytes([4, 0, 0, 5, 24, 0, 0, 16, 0])
+    state = machine()
+    assert state.receive_record(ContentType.HANDSHAKE, ticket[:4]) == []
+    assert state.receive_record(ContentType.HANDSHAKE, ticket[4:]) == [SessionTicket(ticket), ResumeReceive()]
+
+
+def test_no_resume_where_the_kernel_never_pauses() -> None:
+    """Before Linux 6.14 there is no rekey and no pause; a complete KeyUpdate installs the next key instead."""
+    state = machine(rekey=False)
+    assert state.receive_record(ContentType.HANDSHAKE, key_update_message(False)[:2]) == []
+    assert ResumeReceive() not in machine().receive_record(ContentType.HANDSHAKE, key_update_message(False))
 
 
 @pytest.mark.parametrize("sizes", [(1,) * 9, (2, 7), (3, 3, 3), (4, 5), (8, 1)])
@@ -153,7 +170,7 @@ def test_tls13_record_between_handshake_fragments_is_unexpected(between: int) ->
 def test_tls13_application_data_between_handshake_fragments_is_unexpected() -> None:
     state = machine(TLS13)
     assert state.application_data_received() == []
-    assert state.receive_record(ContentType.HANDSHAKE, key_update_message(False)[:2]) == []
+    assert state.receive_record(ContentType.HANDSHAKE, TICKET[:5]) == []
     fatal(state.application_data_received(), AlertDescription.unexpected_message)
 
 

@@ -60,7 +60,7 @@ from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from .core import driver
 from .core.connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
-from .core.control import Fail, InstallKey, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from .core.control import Fail, InstallKey, ResumeReceive, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
 from .core.handshake import Handshake
 from .core.keys import ConnectionKeys
 from .core.userspace import UserspaceTLS
@@ -511,6 +511,8 @@ class Stream(ConnectionState):
                 syscalls.set_crypto_info(self._sock, action.direction, action.info)
             elif isinstance(action, Deliver):
                 self._plaintext += action.plaintext
+            elif isinstance(action, ResumeReceive):
+                driver.resume_receive(self._sock, self._connection)
             elif isinstance(action, HandOffReceive):
                 driver.hand_off_receive(self._sock, self._connection, action)
             elif isinstance(action, WriteClosed):

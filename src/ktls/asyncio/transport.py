@@ -58,7 +58,16 @@ from typing import IO, TYPE_CHECKING, Any, Union
 from ..constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from ..core import driver
 from ..core.connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
-from ..core.control import Fail, InstallKey, ReadClosed, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from ..core.control import (
+    Fail,
+    InstallKey,
+    ReadClosed,
+    ResumeReceive,
+    SendAlert,
+    SendHandshake,
+    SessionTicket,
+    WriteClosed,
+)
 from ..core.handshake import Handshake
 from ..core.userspace import UserspaceTLS
 from ..errors import KernelTLSFailure, KTLSError, RecordError, StreamClosed
@@ -550,6 +559,8 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
                     urgent.append(self._install_tx_step(action.info))
             elif isinstance(action, Deliver):
                 self._plaintext += action.plaintext
+            elif isinstance(action, ResumeReceive):
+                driver.resume_receive(self._sock, self._connection)
             elif isinstance(action, HandOffReceive):
                 driver.hand_off_receive(self._sock, self._connection, action)
                 if self._plaintext:

@@ -209,6 +209,12 @@ class Connection:
         """A record of another type than application data arrived, decrypted (:mod:`ktls.control` decides)."""
         return self._note(self.control.receive_record(content_type, payload))
 
+    def current_receive_key(self, rec_seq: int) -> CryptoInfo:
+        """The receive key the kernel has, at ``rec_seq`` (for :class:`~ktls.core.control.ResumeReceive`)."""
+        if self._keys is None:
+            raise KernelTLSUnavailable(None, "no keys to resume receiving with")
+        return self._keys.crypto_info(Direction.RX, rec_seq)
+
     def receive_failed(self, error: RecordError) -> list[Action]:
         """The kernel refused a received record: the alert it deserves, and the end."""
         return self._note(self.control.record_failed(error))

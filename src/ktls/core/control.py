@@ -58,6 +58,7 @@ __all__ = [
     "Fail",
     "InstallKey",
     "ReadClosed",
+    "ResumeReceive",
     "Role",
     "SendAlert",
     "SendHandshake",
@@ -108,6 +109,20 @@ class InstallKey:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResumeReceive:
+    """Give the kernel the *current* receive key again, at its own next sequence number.
+
+    Linux ≥ 6.14 stops receiving after any handshake record whose first byte is 24 (KeyUpdate) until a new
+    receive key is set (``net/tls/tls_sw.c``: ``tls_check_pending_rekey`` sets ``key_update_pending``, and
+    ``tls_rx_rec_wait`` then returns ``EKEYEXPIRED``). When that record is only the start of a KeyUpdate split
+    across records (RFC 8446 §5.1 allows it), or a fragment of another message that happens to start with that
+    byte, the rest is still under the current key: setting it again (a TLS 1.3 rekey to the same key) lets the
+    kernel read on. The I/O layer asks the kernel its receive sequence number (``getsockopt(TLS_RX)``) and
+    installs :meth:`ktls.core.connection.Connection.current_receive_key` at it.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
 class ReadClosed:
     """The peer's close_notify arrived: the read side is at end of stream."""
 
@@ -131,7 +146,9 @@ class Fail:
     error: KTLSError
 
 
-Action = Union[SendAlert, SendHandshake, InstallKey, ReadClosed, WriteClosed, SessionTicket, Fail]  # noqa: UP007
+Action = Union[  # noqa: UP007
+    SendAlert, SendHandshake, InstallKey, ResumeReceive, ReadClosed, WriteClosed, SessionTicket, Fail
+]
 
 #: Turns a direction into its next-generation key (TLS 1.3 ``traffic upd``, RFC 8446 §7.2); ``None`` when
 #: this connection has no key schedule to update (TLS 1.2, or a kernel that cannot rekey).
@@ -279,6 +296,8 @@ class ControlRecords:
         self._pending = rest
         if rest:
             self.control_since_data += 1  # so that application data checks it is not interleaved (below)
+        if payload[0] == HandshakeType.KEY_UPDATE and self._next_key is not None and not _installs_rx(actions):
+            actions.append(ResumeReceive())  # the kernel paused for a key change that is not (yet) due
         return actions
 
     def _handshake_message(self, message: bytes, last_in_record: bool) -> list[Action]:
@@ -410,6 +429,10 @@ def _alert_name(description: int) -> str:
         return AlertDescription(description).name
     except ValueError:
         return f"alert {description}"
+
+
+def _installs_rx(actions: list[Action]) -> bool:
+    return any(isinstance(a, InstallKey) and a.direction is Direction.RX for a in actions)
 
 
 def _type_name(content_type: int) -> str:
