@@ -237,3 +237,12 @@ def test_a_kernel_without_modules_gets_an_initramfs_that_loads_none(tmp_path: Pa
     assert not km.CachedKernel("5.10", directory, "5.10.262-ktls", ()).has_modules
     (directory / "config").write_text("CONFIG_MODULES=y\nCONFIG_TLS=m\n")
     assert km.CachedKernel("6.1", directory, "6.1.0-1-amd64", ()).has_modules
+
+
+def test_scripts_test_installs_the_kernel_build_tools() -> None:
+    """CI starts from a clean machine: scripts/test must install what kernel_build.py needs."""
+    text = (SCRIPTS / "test").read_text()
+    lists = [
+        line.partition("(")[2].partition(")")[0] for line in text.splitlines() if line.startswith("system_packages")
+    ]
+    assert set(kb.BUILD_PACKAGES) <= {package for packages in lists for package in packages.split()}
