@@ -72,12 +72,14 @@ class GCM:
     def _tag(self, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
         return _xor(self._encrypt_block(nonce + b"\0\0\0\1"), _ghash(self._h, associated_data, ciphertext))
 
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes:
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        associated_data = associated_data or b""
         assert len(nonce) == 12
         ciphertext = _ctr(self._encrypt_block, nonce + b"\0\0\0\2", data, 4)
         return ciphertext + self._tag(nonce, ciphertext, associated_data)
 
-    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes:
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        associated_data = associated_data or b""
         assert len(nonce) == 12
         ciphertext, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
         if self._tag(nonce, ciphertext, associated_data) != tag:
@@ -110,12 +112,14 @@ class CCM:
         length_size = 15 - len(nonce)
         return bytes([length_size - 1]) + nonce + index.to_bytes(length_size, "big")
 
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes:
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        associated_data = associated_data or b""
         assert len(nonce) == 12
         tag = _xor(self._mac(nonce, data, associated_data), self._encrypt_block(self._counter(nonce, 0)))
         return _ctr(self._encrypt_block, self._counter(nonce, 1), data, 3) + tag
 
-    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes:
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        associated_data = associated_data or b""
         assert len(nonce) == 12
         ciphertext, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
         plaintext = _ctr(self._encrypt_block, self._counter(nonce, 1), ciphertext, 3)
@@ -267,13 +271,15 @@ class SM4GCM:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes:
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        associated_data = associated_data or b""
         encryptor = Cipher(algorithms.SM4(self._key), modes.GCM(nonce)).encryptor()
         encryptor.authenticate_additional_data(associated_data)
         ciphertext = encryptor.update(data) + encryptor.finalize()
         return ciphertext + encryptor.tag
 
-    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes) -> bytes:
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        associated_data = associated_data or b""
         decryptor = Cipher(algorithms.SM4(self._key), modes.GCM(nonce, data[-TAG_SIZE:])).decryptor()
         decryptor.authenticate_additional_data(associated_data)
         return decryptor.update(data[:-TAG_SIZE]) + decryptor.finalize()
