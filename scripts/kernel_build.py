@@ -171,6 +171,7 @@ def kernel_release(tree: Path) -> str:
 
 def build_kernel(deb: Path, build: SourceBuild, work_dir: Path, *, jobs: int) -> BuiltKernel:
     """Unpack, configure and compile the kernel in ``deb`` inside ``work_dir`` (which the caller deletes)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
     log_file = work_dir / "build.log"
     seconds: dict[str, float] = {}
     started = time.monotonic()

@@ -889,8 +889,8 @@ def prepare_built_kernel(
         log(f"[{source.label}] building {build.package} {version} ({', '.join(build.fragments)})")
         try:
             built = build_kernel(debs[0], build, work_dir / "build", jobs=os.cpu_count() or 1)
-        except KernelBuildError as error:
-            raise MatrixError(str(error)) from error
+        except (KernelBuildError, OSError) as error:
+            raise MatrixError(f"building {build.package} failed: {error}") from error
         staging = work_dir / "kernel"
         kernel = CachedKernel(
             source.label, staging, built.release, (f"{build.package}_{version}",), build_key(version, configuration)
