@@ -78,6 +78,12 @@ def _print_check(support: KernelSupport, stat: dict[str, int] | None, out: TextI
             entry = next(c for c in support.ciphers if c.cipher is cipher.cipher_type and c.version is version)
             cells.append(f"{_mark(entry.tx)}/{_mark(entry.rx)}")
         print(f"{cipher.name:<20} {cells[0]:<15} {cells[1]:<15}", file=out)
+    refused = [entry for entry in support.ciphers if entry.error]
+    if refused:  # why each "no": EINVAL (a kernel too old for the cipher) and ENOENT (not built) read alike
+        print("", file=out)
+        print("refused:", file=out)
+        for entry in refused:
+            print(f"  {entry.cipher.name} {entry.version.label}: {entry.error}", file=out)
     print("", file=out)
     rekey = f"tx {_mark(support.rekey_tx)}, rx {_mark(support.rekey_rx)}"
     if not support.rekey and support.rekey_error:

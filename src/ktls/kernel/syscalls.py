@@ -176,7 +176,9 @@ def set_crypto_info(sock: socket.socket, direction: Direction, info: CryptoInfo)
 
 def get_crypto_info(sock: socket.socket, direction: Direction) -> CryptoInfo | None:
     """Read back the kernel's crypto info for one direction, with its current sequence number and (TLS 1.2
-    GCM/CCM) next explicit nonce; ``None`` when that direction is not configured.
+    GCM/CCM) next explicit nonce; ``None`` when that direction is not configured, or when the kernel cannot
+    read this cipher back (before Linux 5.16 only AES-GCM could be: AES-CCM-128 and ChaCha20-Poly1305 give
+    ``EINVAL``, "net/tls: getsockopt supports complete algorithm list").
 
     The kernel wants the exact size of the cipher's struct (``EINVAL`` otherwise), so the 4-byte
     ``struct tls_crypto_info`` header is read first to learn the cipher.
@@ -195,7 +197,12 @@ def get_crypto_info(sock: socket.socket, direction: Direction) -> CryptoInfo | N
         cipher_id = int.from_bytes(header[2:4], sys.byteorder)
         if len(header) < _INFO_HEADER_SIZE or cipher_id == 0:
             return None
-        raw = sock.getsockopt(SOL_TLS, int(direction), CIPHERS[CipherType(cipher_id)].struct_size)
+        try:
+            raw = sock.getsockopt(SOL_TLS, int(direction), CIPHERS[CipherType(cipher_id)].struct_size)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # the header was readable, so the size is right: an older kernel
+                return None
+            raise
     return CryptoInfo.unpack(raw)
 
 
