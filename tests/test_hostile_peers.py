@@ -82,10 +82,11 @@ class Setup:
 KEYS13 = Setup("keys-1.3", TLSVersion.TLS1_3, handshake=False)
 KEYS12 = Setup("keys-1.2", TLSVersion.TLS1_2, handshake=False)
 HANDSHAKE13 = Setup("handshake-1.3", TLSVersion.TLS1_3, handshake=True)
+HANDSHAKE12 = Setup("handshake-1.2", TLSVersion.TLS1_2, handshake=True)
 KEYS12_CLIENT = Setup("keys-1.2-client", TLSVersion.TLS1_2, handshake=False, server_side=False)
 KEYS13_CLIENT = Setup("keys-1.3-client", TLSVersion.TLS1_3, handshake=False, server_side=False)
 HANDSHAKE13_CLIENT = Setup("handshake-1.3-client", TLSVersion.TLS1_3, handshake=True, server_side=False)
-EVERY_VERSION = (KEYS13, KEYS12, HANDSHAKE13)
+EVERY_VERSION = (KEYS13, KEYS12, HANDSHAKE13, HANDSHAKE12)
 TLS13_ONLY = (KEYS13, HANDSHAKE13)
 
 
@@ -586,11 +587,11 @@ CASES = [
             reply=b"so am I",
             then=close_notify,
             sent=(NO_RENEGOTIATION, (ContentType.APPLICATION_DATA, b"so am I"), CLOSE_NOTIFY),
-            setups=(setup,),
+            setups=setups,
         )
-        for name, message, setup in [
-            ("client-hello-to-a-server", CLIENT_HELLO, KEYS12),
-            ("hello-request-to-a-client", HELLO_REQUEST, KEYS12_CLIENT),
+        for name, message, setups in [
+            ("client-hello-to-a-server", CLIENT_HELLO, (KEYS12, HANDSHAKE12)),
+            ("hello-request-to-a-client", HELLO_REQUEST, (KEYS12_CLIENT,)),
         ]
     ),
     # Our client reading 7 bytes at a time: after a real handshake the first record arrives through OpenSSL
