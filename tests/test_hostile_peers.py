@@ -675,7 +675,7 @@ def case_params() -> list[object]:
 @pytest.mark.parametrize(("case", "setup"), case_params())
 def test_hostile_peer(opened: Opened, support: KernelSupport, rsa_cert: CertFiles, case: Case, setup: Setup) -> None:
     if case.needs_rekey and not support.rekey:
-        pytest.skip(f"{support.kernel_release} cannot take a new receive key (Linux < 6.14): key-update-flood")
+        pytest.skip(f"{support.kernel_release} cannot take a new receive key (Linux < 6.14): {case.name}")
     expected = case.end if isinstance(case.end, (Fails, Closes)) else case.end(support)
     if setup.handshake:
         ours, peer = with_handshake(opened.front_end, setup, case.read_size, rsa_cert)
