@@ -19,10 +19,34 @@ ASYNCIO_ROWS = [
     ("file", bench.KTLS_SENDFILE),
 ]
 
+#: The raw kTLS rows a kTLS kernel gives, and the ktls rows measured against them.
+RAW_ROWS = [
+    ("bulk", bench.RAW),
+    ("bulk", bench.RAW_ASYNCIO),
+    ("file", bench.RAW),
+    ("file", bench.RAW_SENDFILE),
+    ("rr", bench.RAW),
+    ("handshake", bench.RAW),
+]
+KTLS_WITH_RAW = [
+    ("bulk", bench.KTLS),
+    ("bulk", bench.KTLS_NO_PAD),
+    ("bulk", bench.KTLS_ASYNCIO),
+    ("file", bench.KTLS),
+    ("file", bench.KTLS_SENDFILE),
+    ("rr", bench.KTLS),
+    ("handshake", bench.KTLS),
+]
+
 
 @pytest.fixture(scope="module")
 def smoke() -> list[bench.BenchResult]:
     return bench.run(size_mib=1, seconds=0.1, connections=3)
+
+
+@pytest.fixture(scope="module")
+def smoke_scale() -> list[bench.BenchResult]:
+    return bench.run(size_mib=1, seconds=0.2, connections=2, scale=True, rate=50.0, scale_connections=(1, 3))
 
 
 def _label(variant: str, kernel: bool) -> str:
@@ -46,6 +70,7 @@ def test_bench_runs_every_workload(smoke: list[bench.BenchResult]) -> None:
     assert "plain TCP" in table
     assert "×ssl" in table
     assert "×limit" in table
+    assert "×raw" in table
 
 
 def test_bench_has_the_asyncio_rows(smoke: list[bench.BenchResult]) -> None:
@@ -95,8 +120,90 @@ def test_targets_and_limit_column_from_rows() -> None:
     assert measured["ktls rr ÷ ssl rr"].value is None  # no rr rows
     table = bench.format_table(rows)
     assert _columns(table, "bulk", bench.PLAIN)[-1] == "2.00"  # ×limit
-    assert _columns(table, "bulk", bench.KTLS_ASYNCIO)[-3:] == ["0.25", "-", "0.50"]  # ×TCP, ×ssl, ×limit
+    assert _columns(table, "bulk", bench.KTLS_ASYNCIO)[-4:] == ["0.25", "-", "-", "0.50"]  # ×TCP ×ssl ×raw ×limit
     assert _columns(table, "handshake", bench.KTLS)[-1] == "-"  # not a transfer
+
+
+def test_raw_column_and_targets_from_rows() -> None:
+    """``×raw``: each ktls row ÷ its raw kTLS counterpart in the same workload; nothing for other rows, for
+    the raw rows themselves, or for fallback rows (no raw row is ever measured without kTLS)."""
+    rows = [
+        bench.BenchResult("bulk", bench.SSL, 12.0, "MiB/s", 2.0),
+        bench.BenchResult("bulk", bench.KTLS, 18.0, "MiB/s", 2.0),
+        bench.BenchResult("bulk", bench.RAW, 20.0, "MiB/s", 2.0),
+        bench.BenchResult("bulk", bench.KTLS_NO_PAD, 19.0, "MiB/s", 2.0),
+        bench.BenchResult("bulk", bench.KTLS_ASYNCIO, 15.0, "MiB/s", 2.0),
+        bench.BenchResult("bulk", bench.RAW_ASYNCIO, 15.0, "MiB/s", 2.0),
+        bench.BenchResult("file", bench.KTLS_SENDFILE, 8.0, "MiB/s", 2.0),
+        bench.BenchResult("file", bench.RAW_SENDFILE, 10.0, "MiB/s", 2.0),
+        bench.BenchResult("file", bench.KTLS + bench.FALLBACK, 10.0, "MiB/s", 2.0),
+        bench.BenchResult("rr", bench.KTLS, 330.0, "round trips/s"),
+        bench.BenchResult("rr", bench.RAW, 400.0, "round trips/s"),
+        bench.BenchResult("handshake", bench.KTLS, 18.0, "connections/s"),
+        bench.BenchResult("handshake", bench.RAW, 20.0, "connections/s"),
+        bench.BenchResult("scale 10", bench.KTLS_ASYNCIO, 9.0, "MiB/s", 3.0),
+        bench.BenchResult("scale 10", bench.RAW_ASYNCIO, 10.0, "MiB/s", 3.0),
+        bench.BenchResult("rr p99", bench.KTLS, 6.0, "ms"),
+        bench.BenchResult("rr p99", bench.RAW, 4.0, "ms"),
+    ]
+    by_row = {(r.workload, r.variant): ratio["raw"] for r, ratio in zip(rows, bench.ratios(rows), strict=True)}
+    assert by_row[("bulk", bench.KTLS)] == pytest.approx(0.9)
+    assert by_row[("bulk", bench.KTLS_NO_PAD)] == pytest.approx(0.95)
+    assert by_row[("bulk", bench.KTLS_ASYNCIO)] == pytest.approx(1.0)
+    assert by_row[("file", bench.KTLS_SENDFILE)] == pytest.approx(0.8)
+    assert by_row[("rr", bench.KTLS)] == pytest.approx(0.825)
+    assert by_row[("handshake", bench.KTLS)] == pytest.approx(0.9)
+    assert by_row[("scale 10", bench.KTLS_ASYNCIO)] == pytest.approx(0.9)
+    assert by_row[("rr p99", bench.KTLS)] == pytest.approx(1.5)  # latency: above 1 is slower
+    for key in [("bulk", bench.SSL), ("bulk", bench.RAW), ("file", bench.KTLS + bench.FALLBACK)]:
+        assert by_row[key] is None, key
+    table = bench.format_table(rows)
+    header = table.splitlines()[0].split()
+    assert header[-4:] == ["×TCP", "×ssl", "×raw", "×limit"]
+    assert _columns(table, "bulk", bench.KTLS)[-4:] == ["-", "1.50", "0.90", "-"]
+    assert _columns(table, "handshake", bench.KTLS)[-2:] == ["0.90", "-"]
+    assert _columns(table, "bulk", bench.RAW)[-2] == "-"
+    measured = {t.name: t for t in bench.targets(rows)}
+    assert measured["ktls bulk ÷ raw"].value == pytest.approx(0.9)
+    assert measured["ktls bulk ÷ raw"].met is False
+    assert measured["ktls asyncio bulk ÷ raw asyncio"].met
+    assert measured["ktls loop.sendfile ÷ raw"].met is False
+    assert measured["ktls file ÷ raw"].value is None  # the fallback row is not ktls
+    assert measured["ktls rr ÷ raw"].value == pytest.approx(0.825)
+    assert measured["ktls handshake ÷ raw floor"].value == pytest.approx(0.9)
+    assert measured["ktls handshake ÷ raw floor"].met
+
+
+@pytest.mark.parametrize(
+    ("values", "fraction", "expected"),
+    [
+        ([1.0], 0.99, 1.0),
+        ([1.0, 2.0], 0.5, 1.0),
+        ([1.0, 2.0, 3.0], 0.5, 2.0),
+        ([float(i) for i in range(1, 101)], 0.99, 99.0),
+    ],
+)
+def test_percentile_is_nearest_rank(values: list[float], fraction: float, expected: float) -> None:
+    assert bench._percentile(values, fraction) == expected
+
+
+def test_scale_rows(smoke_scale: list[bench.BenchResult]) -> None:
+    """``--scale``: every count of connections gets a sync and an asyncio row of each stack, and ssl, ktls
+    (and raw kTLS with a kernel) get p50/p99 latency rows."""
+    kernel = probe().available
+    rows = {(r.workload, r.variant): r for r in smoke_scale}
+    sync = [bench.SSL, _label(bench.KTLS, kernel)] + ([bench.RAW] if kernel else [])
+    asynchronous = [bench.ASYNCIO_SSL, _label(bench.KTLS_ASYNCIO, kernel)] + ([bench.RAW_ASYNCIO] if kernel else [])
+    for count in (1, 3):
+        for variant in sync + asynchronous:
+            row = rows.get((f"scale {count}", variant))
+            assert row is not None, (count, variant, sorted(rows))
+            assert row.value > 0
+            assert row.cpu_per_gib is not None
+    for variant in sync:
+        p50, p99 = rows[("rr p50", variant)], rows[("rr p99", variant)]
+        assert p50.unit == p99.unit == "ms"
+        assert 0 < p50.value <= p99.value
 
 
 def test_bench_json() -> None:
@@ -104,6 +211,10 @@ def test_bench_json() -> None:
     assert main(["bench", "--size", "1", "--seconds", "0.1", "--connections", "2", "--json"], out=out) == 0
     report = json.loads(out.getvalue())
     assert report["results"]
+    assert all(set(r["ratios"]) == {"tcp", "ssl", "raw", "limit"} for r in report["results"])
+    if report["ktls"]:
+        by_row = {(r["workload"], r["variant"]): r for r in report["results"]}
+        assert by_row[("bulk", bench.KTLS)]["ratios"]["raw"] is not None
     targets = report["targets"]
     assert [t["name"] for t in targets] == [name for name, *_ in bench.TARGETS]
     assert all(set(t) == {"name", "value", "target", "met"} for t in targets)
@@ -121,8 +232,12 @@ def test_bench_in_a_ktls_kernel_measures_the_limit(support: KernelSupport, smoke
     assert not any("fallback" in variant for _, variant in rows)
     file_rows = {r.variant: r for r in smoke if r.workload == "file"}
     assert file_rows[bench.KTLS_SENDFILE].note == "sendfile (native)"
+    for row in RAW_ROWS:
+        assert row in rows, (row, sorted(rows))
     table = bench.format_table(smoke)
     for workload, variant in [("bulk", bench.KTLS), *ASYNCIO_ROWS]:
         assert _columns(table, workload, variant)[-1] != "-", table  # ×limit filled
+    for workload, variant in KTLS_WITH_RAW:
+        assert _columns(table, workload, variant)[-2] != "-", table  # ×raw filled
     measured = bench.targets(smoke)
     assert all(t.value is not None and t.met is not None for t in measured), measured
