@@ -133,9 +133,12 @@ class RawKeying:
         cipher = sslobj.cipher()
         assert cipher is not None
         tickets = server_end.tickets
-        client_tx, server_tx = self._crypto_infos(server_end.hello[_HELLO_RANDOM], cipher[0], tickets)
+        client_info, server_info = self._crypto_infos(server_end.hello[_HELLO_RANDOM], cipher[0], tickets)
         untimed = time.perf_counter() - untimed
-        for sock, tx, rx in ((client, client_tx, server_tx), (server, server_tx, client_tx)):
+        # The client's kernel reads the tickets (server records 0 … tickets-1) itself, below.
+        client_tx, client_rx = client_info, server_info[0]
+        server_tx, server_rx = server_info[1], client_info
+        for sock, tx, rx in ((client, client_tx, client_rx), (server, server_tx, server_rx)):
             setup_ulp(sock)
             set_crypto_info(sock, Direction.TX, tx)
             set_crypto_info(sock, Direction.RX, rx)
@@ -146,8 +149,10 @@ class RawKeying:
                 raise RuntimeError(f"expected a NewSessionTicket record, got type {record.content_type}")
         return untimed + time.perf_counter() - start
 
-    def _crypto_infos(self, client_random: bytes, cipher: str, server_records: int) -> tuple[CryptoInfo, CryptoInfo]:
-        """The client's and the server's TX crypto info (each is the other's RX)."""
+    def _crypto_infos(
+        self, client_random: bytes, cipher: str, server_records: int
+    ) -> tuple[CryptoInfo, tuple[CryptoInfo, CryptoInfo]]:
+        """The client's crypto info (at sequence 0), and the server's at 0 and at ``server_records``."""
         suite = suite_by_openssl_name(cipher)
         if suite is None:
             raise RuntimeError(f"no kernel cipher for {cipher}")
@@ -159,7 +164,8 @@ class RawKeying:
         secrets = {e.label: bytes(e.secret) for e in iter_keylog(data) if e.client_random == client_random}
         client_secret = secrets[KeylogLabel.CLIENT_TRAFFIC_SECRET_0]
         server_secret = secrets[KeylogLabel.SERVER_TRAFFIC_SECRET_0]
-        return tls13_crypto_info(suite, client_secret), tls13_crypto_info(suite, server_secret, server_records)
+        server = (tls13_crypto_info(suite, server_secret), tls13_crypto_info(suite, server_secret, server_records))
+        return tls13_crypto_info(suite, client_secret), server
 
 
 # -- bare event-loop drivers: add_reader / add_writer and one syscall per step -----------------------------------
