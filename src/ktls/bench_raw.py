@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .constants import RECORD_HEADER_SIZE, ContentType
@@ -172,43 +173,50 @@ class RawKeying:
 
 
 async def send_bare(sock: socket.socket, payload: bytes, size: int) -> None:
-    """Send ``size`` bytes (``payload`` repeated) from an ``add_writer`` callback, ``send`` until ``EAGAIN``."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    """Send ``size`` bytes (``payload`` repeated): ``send`` until ``EAGAIN``, at once and then from an
+    ``add_writer`` callback."""
     view, chunk, sent = memoryview(payload), len(payload), 0
-    fd = sock.fileno()
 
-    def writable() -> None:
+    def step() -> bool:
         nonlocal sent
-        try:
-            while sent < size:
-                offset = sent % chunk
-                sent += sock.send(view[offset : min(chunk, offset + size - sent)])
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            loop.remove_writer(fd)
-            done.set_exception(exc)
-            return
-        loop.remove_writer(fd)
-        done.set_result(None)
+        while sent < size:
+            offset = sent % chunk
+            sent += sock.send(view[offset : min(chunk, offset + size - sent)])
+        return True
 
-    loop.add_writer(fd, writable)
-    await done
+    await _until_sent(sock, step)
 
 
 async def sendfile_bare(sock: socket.socket, file: int, size: int) -> None:
-    """``os.sendfile`` ``size`` bytes of ``file`` from an ``add_writer`` callback, until ``EAGAIN``."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    """``os.sendfile`` ``size`` bytes of ``file`` until ``EAGAIN``, at once and then from an ``add_writer``
+    callback."""
     sent = 0
     fd = sock.fileno()
 
-    def writable() -> None:
+    def step() -> bool:
         nonlocal sent
+        while sent < size:
+            sent += os.sendfile(fd, file, sent, size - sent)
+        return True
+
+    await _until_sent(sock, step)
+
+
+async def _until_sent(sock: socket.socket, step: Callable[[], bool]) -> None:
+    """Run ``step`` (which raises ``BlockingIOError`` when the socket is full) now, then on every writable
+    event until it returns."""
+    try:
+        step()
+        return
+    except BlockingIOError:
+        pass
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def writable() -> None:
         try:
-            while sent < size:
-                sent += os.sendfile(fd, file, sent, size - sent)
+            step()
         except BlockingIOError:
             return
         except OSError as exc:
@@ -223,8 +231,8 @@ async def sendfile_bare(sock: socket.socket, file: int, size: int) -> None:
 
 
 async def receive_bare(socks: list[socket.socket], total: int, buffer: bytearray) -> None:
-    """Count ``total`` bytes arriving on ``socks`` into one reused ``buffer``: one ``recv_into`` per
-    ``add_reader`` callback, as asyncio's own transports read."""
+    """Count ``total`` bytes arriving on ``socks`` into one reused ``buffer``: ``recv_into`` until ``EAGAIN``
+    from each ``add_reader`` callback."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     received = 0
@@ -233,19 +241,21 @@ async def receive_bare(socks: list[socket.socket], total: int, buffer: bytearray
         nonlocal received
         error: OSError | None = None
         try:
-            n = sock.recv_into(buffer)
+            while received < total:
+                n = sock.recv_into(buffer)
+                if not n:
+                    error = ConnectionError(f"the connection ended after {received} of {total} bytes")
+                    break
+                received += n
         except BlockingIOError:
             return
         except OSError as exc:
-            n, error = 0, exc
-        if not n and error is None:
-            error = ConnectionError(f"the connection ended after {received} of {total} bytes")
+            error = exc
         if error is not None:
             loop.remove_reader(sock.fileno())
             if not done.done():
                 done.set_exception(error)
             return
-        received += n
         if received >= total and not done.done():
             done.set_result(None)
 
