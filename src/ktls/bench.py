@@ -553,9 +553,11 @@ def _raw_async_transfer(
         receiver.wait(receiver.done)
         return receiver.end - start, receiver.cpu_end - cpu
     finally:
+        for client, _ in pairs:
+            client.close()  # first: if sending failed, the receiver sees the end of the stream and stops
         receiver.stop()
-        for client, server in pairs:
-            _close_pair(client, server)
+        for _, server in pairs:
+            server.close()
 
 
 # -- request / response, handshakes, memory ---------------------------------------------------------------------
