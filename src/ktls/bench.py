@@ -55,6 +55,7 @@ of the benchmark issues; a goal whose rows are missing or fallback is ``n/a``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -384,8 +385,9 @@ class _Receiver:
     def stop(self) -> None:
         """From any thread: end ``main`` and wait for the thread."""
         if self._loop is not None and self._stop is not None:
-            stop = self._stop
-            self._loop.call_soon_threadsafe(_resolve, stop)
+            # The loop may be closed already (a main that ended on its own, as the raw receiver does).
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_resolve, self._stop)
         if self._thread is not None:
             self._thread.join(_ASYNC_TIMEOUT)
 
