@@ -276,3 +276,18 @@ def _receive(sock: socket.socket, size: int) -> bytes:
         assert chunk
         data += chunk
     return bytes(data)
+
+
+def test_receiver_stops_after_its_loop_ended() -> None:
+    """A receiving loop whose work ends on its own (the raw receiver) has closed its loop by the time the
+    sender stops it: stopping then is not an error (it was, and failed every raw asyncio row)."""
+    receiver = bench._Receiver(total=1)
+
+    async def ends_at_once() -> None:
+        receiver.count(1)
+
+    receiver.start(ends_at_once)
+    receiver.wait(receiver.done)
+    receiver._thread.join(5)  # type: ignore[union-attr]
+    receiver.stop()
+    assert receiver.error is None
