@@ -168,7 +168,7 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
 def _bench(args: argparse.Namespace, out: TextIO) -> int:
     from . import bench  # noqa: PLC0415 - only this command needs the workloads
 
-    return bench.main(args.size, args.seconds, args.connections, args.json, out)
+    return bench.main(args.size, args.seconds, args.connections, args.json, out, scale=args.scale, rate=args.rate)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -210,6 +210,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=3.0, help="duration of timed loops (default 3)")
     bench.add_argument("--connections", type=int, default=100, help="idle connections for the memory row")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument(
+        "--scale", action="store_true", help="also 1/10/100 concurrent bulk connections and latency at --rate"
+    )
+    bench.add_argument("--rate", type=float, default=100.0, help="round trips/s of the latency rows (default 100)")
     bench.set_defaults(run=_bench)
     stat = commands.add_parser("stat", help="the kernel's kTLS counters (/proc/net/tls_stat)")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
