@@ -326,7 +326,7 @@ class Stream(ConnectionState):
     def _application_data(self, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> bool:
         """Whether a kernel read returned application data (one tuple comparison: the hot path's check);
         if so, the state machine hears of it (it ends a KeyUpdate exchange)."""
-        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
+        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & syscalls.MSG_CTRUNC:
             return False
         if actions := self._connection.application_data():
             self._run(actions)  # it interrupted a handshake message: the alert, then the error

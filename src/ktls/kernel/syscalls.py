@@ -82,6 +82,10 @@ RECORD_TYPE_CMSG_SPACE = _CMSG_SPACE
 #: The control message of an application-data read, as ``recvmsg`` returns it: a hot loop compares the
 #: first ancillary item with this (one tuple comparison) and calls :func:`record_type` for anything else.
 APPLICATION_DATA_CMSG = (SOL_TLS, TLS_GET_RECORD_TYPE, bytes([ContentType.APPLICATION_DATA]))
+#: ``msg_flags`` bits as plain ints: ``socket.MSG_*`` are ``IntFlag`` members, and ``flags & socket.MSG_CTRUNC``
+#: goes through ``enum``'s machinery (measured: ~0.6 µs against ~0.01 µs, on every read).
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
+MSG_EOR = int(socket.MSG_EOR)
 #: ``struct tls_crypto_info``: version and cipher type, two ``__u16``.
 _INFO_HEADER_SIZE = 4
 
@@ -230,7 +234,7 @@ _CONTENT_TYPES: dict[int, ContentType | int] = {**{i: i for i in range(256)}, **
 
 def record_type(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> ContentType | int | None:
     """The record type of a ``recvmsg`` on a kTLS socket (``None``: no type — end of stream)."""
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & MSG_CTRUNC:
         raise KernelTLSFailure(None, "the record type control message was truncated")
     for level, kind, data in ancdata:
         if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and len(data) == 1:
@@ -252,7 +256,7 @@ def recv_record(sock: socket.socket, bufsize: int, flags: int = 0) -> Record:
         data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, _CMSG_SPACE, flags)
     except OSError as exc:
         _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
-    return Record(record_type(ancdata, msg_flags), data, bool(msg_flags & socket.MSG_EOR))
+    return Record(record_type(ancdata, msg_flags), data, bool(msg_flags & MSG_EOR))
 
 
 def recv_record_into(
@@ -263,7 +267,7 @@ def recv_record_into(
         nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([buffer], _CMSG_SPACE, flags)
     except OSError as exc:
         _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
-    return record_type(ancdata, msg_flags), nbytes, bool(msg_flags & socket.MSG_EOR)
+    return record_type(ancdata, msg_flags), nbytes, bool(msg_flags & MSG_EOR)
 
 
 def send_record(sock: socket.socket, content_type: ContentType | int, data: bytes, flags: int = 0) -> int:
