@@ -213,7 +213,10 @@ def test_gnutls_cli_with_our_server(
         server.start(serve, listener)
         command = ["gnutls-cli", "--logfile", str(log), "--x509cafile", str(cert.cert), "--priority", suite.priority]
         command += ["-p", str(listener.getsockname()[1]), "127.0.0.1"]
-        stdout, returncode = run_gnutls_cli(command, upload, len(download))
+        try:
+            stdout, returncode = run_gnutls_cli(command, upload, len(download))
+        except AssertionError as failure:  # gnutls-cli ended early: its log says why
+            raise AssertionError(f"{failure}\ngnutls-cli.log:\n{log_tail(log)}") from failure
         server.join(PEER_TIMEOUT)
     (stream,) = streams
     assert (stream.cipher() or ("",))[0] == suite.openssl_name
