@@ -302,8 +302,6 @@ class Stream(ConnectionState):
             self._io_failed(exc, kernel_read=True)
         if not self._application_data(ancdata, msg_flags):
             return self._kernel_record(syscalls.record_type(ancdata, msg_flags), bytes(target[:n]))
-        if not n:
-            return None  # an empty application-data read (5.10 returns them) is not the end: read again
         if small:
             taken = min(n, len(view))
             view[:taken] = target[:taken]
@@ -321,7 +319,7 @@ class Stream(ConnectionState):
         if not self._application_data(ancdata, msg_flags):
             n = self._kernel_record(syscalls.record_type(ancdata, msg_flags), data)
             return None if n is None else b""
-        return data or None  # an empty application-data read (5.10 returns them) is not the end: read again
+        return data
 
     def _application_data(self, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> bool:
         """Whether a kernel read returned application data (one tuple comparison: the hot path's check);
