@@ -18,6 +18,10 @@ import pytest
 
 import ktls
 from certs import CertFiles
+from hostile_peer import tls13_protection
+from ktls.core.keys import ConnectionKeys
+from ktls.kernel import KernelSupport
+from ktls.tls.suites import suite_by_openssl_name
 from support import contexts
 
 TLS13, TLS12 = ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2
@@ -103,3 +107,27 @@ def test_timeouts_nonblocking_and_recovery(
     assert not errors, errors
     assert received
     assert received[0] >= sent_blocks * len(block) + len(b"after the timeout")
+
+
+@pytest.mark.kernel
+def test_a_stalled_partial_record_ends_at_the_timeout(support: KernelSupport) -> None:
+    """Half a record, then nothing (no FIN): the read ends at the stream's timeout with ``TimeoutError``, never
+    waits beyond it, and once the rest arrives the record is read (RFC conformance: nothing waits unbounded)."""
+    suite = suite_by_openssl_name("TLS_AES_128_GCM_SHA256")
+    assert suite is not None
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname(), timeout=10)
+        ours, _ = listener.accept()
+    ours_secret, theirs_secret = os.urandom(32), os.urandom(32)
+    keys = ConnectionKeys(suite, tx=ours_secret, rx=theirs_secret)
+    with theirs, ktls.Stream.from_keys(ours, keys, server_side=True, tx_seq=0, rx_seq=0) as stream:
+        record = tls13_protection(theirs_secret).seal(23, b"stalled, then whole")
+        theirs.sendall(record[: len(record) // 2])
+        stream.settimeout(0.3)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            stream.recv(100)
+        assert time.monotonic() - started < 10
+        theirs.sendall(record[len(record) // 2 :])
+        stream.settimeout(10)
+        assert stream.recv(100) == b"stalled, then whole"
