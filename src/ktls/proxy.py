@@ -139,17 +139,14 @@ class _Relay:
         pumps = [loop.create_task(self._from_tls()), loop.create_task(self._to_tls())]
         watchdog = loop.create_task(self._watchdog(pumps))
         try:
-            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-            failed = [task for task in done if not task.cancelled() and task.exception() is not None]
-            if failed:
-                raise failed[0].exception()  # type: ignore[misc]
             await asyncio.gather(*pumps)
             self.ended = "closed"
             self.transport.close()
         except asyncio.CancelledError:
-            self.ended = self.ended if self.ended != "open" else "cancelled"
             self.transport.abort()
-            raise
+            if not self.ended.startswith("idle"):  # not our watchdog: the worker is stopping
+                self.ended = "cut at stop"
+                raise
         except Exception as exc:
             self.ended = f"error: {type(exc).__name__}: {exc}"
             self.transport.abort()
@@ -261,6 +258,7 @@ class _Worker:
             )
             await stop.wait()
             server.close()
+            loop.call_later(self.config.stop_grace, server.abort_clients)
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=self.config.stop_grace)
         for task in list(self.tasks):
