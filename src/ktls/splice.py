@@ -124,7 +124,8 @@ class ControlRecordNext(Exception):
 
 def splice_record(sock_fd: int, pipe: Pipe, count: int, *, nonblock: bool) -> int:
     """One ``splice`` from a kTLS socket into an empty ``pipe``: bytes moved (0 at end of stream). Raises
-    :class:`ControlRecordNext` when a control record is next; ``BlockingIOError`` when nothing has arrived."""
+    :class:`ControlRecordNext` when a control record is next; ``BlockingIOError`` when nothing has arrived
+    (always possible: our pipes are non-blocking, which makes the kernel treat the splice as non-blocking)."""
     flags = _SPLICE_F_MOVE | (_SPLICE_F_NONBLOCK if nonblock else 0)
     try:
         moved = os.splice(sock_fd, pipe.write_fd, min(count, pipe.capacity), flags=flags)
@@ -241,6 +242,13 @@ def splice_to(endpoint: Endpoint, fd: int, count: int) -> int:
             return 0
         try:
             moved = splice_record(endpoint.sock.fileno(), pipe, count, nonblock=False)
+        except (BlockingIOError, InterruptedError) as exc:
+            # The pipe is non-blocking, and a non-blocking pipe makes the whole splice non-blocking
+            # (do_splice adds SPLICE_F_NONBLOCK): wait here, up to the stream's timeout, and try again.
+            if endpoint.timeout == 0.0:
+                endpoint.failed(exc, True)
+            _wait_fd(endpoint.sock.fileno(), select.POLLIN, endpoint.timeout)
+            continue
         except ControlRecordNext:
             try:
                 actions, data = _control_record(endpoint.sock, connection)
