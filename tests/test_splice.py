@@ -29,6 +29,7 @@ from ktls.kernel import KernelSupport, recv_record
 from ktls.keys import ConnectionKeys
 from ktls.tls.suites import suite_by_openssl_name
 from support import contexts
+from reference_tls import OpenedRecord
 from test_stream_hostile import TIMEOUT, Case, Hostile, make_case, tls13_protection
 
 USER_CANCELED = bytes([1, 90])  # RFC 8446 §6.1: a warning-level alert that TLS 1.3 still allows
@@ -121,7 +122,11 @@ def test_splice_to_delivers_every_byte_around_a_control_record(case: Case, kind:
         sender.join(TIMEOUT)
     assert bytes(received) == before + after
     assert case.stream.key_updates_received == (1 if kind == "key_update" else 0)
-    assert case.stream.splice_to(os.open(os.devnull, os.O_WRONLY), 100) == 0  # closed stays closed
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        assert case.stream.splice_to(sink, 100) == 0  # closed stays closed
+    finally:
+        os.close(sink)
 
 
 @pytest.mark.kernel
@@ -148,6 +153,11 @@ def test_splice_from_is_encrypted_by_the_kernel(case: Case) -> None:
 class _Paused(asyncio.Protocol):
     def __init__(self) -> None:
         self.eof = False
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -173,12 +183,18 @@ async def _async_relay(ours: socket.socket, keys: ConnectionKeys, payload: bytes
         while moved := await asyncio.wait_for(transport.splice_to(near.fileno(), 1 << 20), TIMEOUT):
             received += await loop.run_in_executor(None, far.recv, moved, socket.MSG_WAITALL)
         assert protocol.eof
+
         # And back: what the far end sends is spliced into the connection and encrypted by the kernel.
-        far.sendall(payload)
-        far.shutdown(socket.SHUT_WR)
+        def send() -> None:
+            far.sendall(payload)
+            far.shutdown(socket.SHUT_WR)
+
+        sender = loop.run_in_executor(None, send)
         while await asyncio.wait_for(transport.splice_from(near.fileno(), 1 << 20), TIMEOUT):
             pass
+        await sender
     transport.close()
+    assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
     return bytes(received)
 
 
@@ -205,10 +221,15 @@ def test_transport_splices_both_ways_across_a_key_update(support: KernelSupport)
         hostile.seal(ContentType.APPLICATION_DATA, second[i : i + 9000]) for i in range(0, len(second), 9000)
     )
     wire += hostile.seal(ContentType.ALERT, CLOSE_NOTIFY)
-    theirs.sendall(wire)
+    sender = threading.Thread(target=theirs.sendall, args=(wire,), daemon=True)
+    sender.start()
+    records: list[OpenedRecord] = []
+    reader = threading.Thread(target=lambda: records.extend(hostile.read_records()), daemon=True)
+    reader.start()  # reads while the transport sends: the socket buffers cannot hold it all
     try:
         received = asyncio.run(_async_relay(ours, keys, back))
-        records = hostile.read_records()
+        reader.join(TIMEOUT)
+        sender.join(TIMEOUT)
     finally:
         theirs.close()
     assert received == first + second
