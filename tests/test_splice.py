@@ -28,8 +28,8 @@ from ktls.constants import ContentType, HandshakeType, TLSVersion
 from ktls.kernel import KernelSupport, recv_record
 from ktls.keys import ConnectionKeys
 from ktls.tls.suites import suite_by_openssl_name
-from support import contexts
 from reference_tls import OpenedRecord
+from support import contexts
 from test_stream_hostile import TIMEOUT, Case, Hostile, make_case, tls13_protection
 
 USER_CANCELED = bytes([1, 90])  # RFC 8446 §6.1: a warning-level alert that TLS 1.3 still allows
