@@ -369,7 +369,8 @@ def test_strace_shows_only_splice_moves_payload(
             spliced += int(result)
         elif name in _PAYLOAD_CALLS:
             copied += int(result)
-    assert spliced >= 4 * size  # each byte twice (socket → pipe → socket), downloaded and uploaded
+    # Counted where a TCP socket is the source: each byte once per direction (it then leaves the pipe).
+    assert spliced >= 2 * size, f"splice moved {spliced} bytes out of TCP sockets"
     assert copied < 64 * 1024, f"{copied} bytes went through read/write-family calls"
 
 

@@ -103,11 +103,12 @@ def test_splice_to_delivers_every_byte_around_a_control_record(case: Case, kind:
     the far end of a socket pair in order, the connection followed the record, and the end reads as 0."""
     before = os.urandom(200_000)
     after = os.urandom(300_000)
-    control = _control(case, kind, support)  # a KeyUpdate changes the key of what follows: sealed in order
+    if kind == "key_update" and not support.rekey:
+        pytest.skip("the kernel cannot take a new receive key (Linux < 6.14)")
     wire = bytearray()
-    for chunk in range(0, len(before), 16384):
+    for chunk in range(0, len(before), 16384):  # sealed in wire order: each record takes the next sequence number
         wire += case.hostile.seal(ContentType.APPLICATION_DATA, before[chunk : chunk + 16384])
-    wire += control
+    wire += _control(case, kind, support)
     for chunk in range(0, len(after), 10000):
         wire += case.hostile.seal(ContentType.APPLICATION_DATA, after[chunk : chunk + 10000])
     wire += case.hostile.seal(ContentType.ALERT, CLOSE_NOTIFY)
