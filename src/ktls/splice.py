@@ -22,8 +22,8 @@ Theory of operation.
 * **Send** (:func:`splice_from`): ``splice(fd → pipe)``, then ``splice(pipe → ktls socket)``: the kernel
   encrypts the pipe's pages into records (``tls_sw_sendpage``; ``MSG_SPLICE_PAGES`` from 6.5 on).
 * **The pipe is emptied before each splice into it.** ``tls_sw_splice_read`` moves one record into the pipe
-  and, on the kernels read, counts the record consumed when it asked for all of it even if the pipe took only
-  part (a pipe out of slots): those bytes would be lost. Into an empty pipe of ``PIPE_SIZE`` (64 slots) one
+  and advances by what it *asked* for, not by what the pipe took (``rxm->offset += len``, or
+  ``consume_skb`` when it asked for the whole record, in 6.x's source): a pipe out of slots would lose bytes. Into an empty pipe of ``PIPE_SIZE`` (64 slots) one
   record (at most 16 KiB in a few pages) always fits.
 * **Userspace fallback** (no kTLS, a cipher the kernel lacks, a TLS 1.3 client's receive before its first
   application record): the same calls copy through Python — the stream reads, then writes to ``fd``.
@@ -73,6 +73,8 @@ _RECORD_BUFFER = MAX_PLAINTEXT + 256
 _COPY_CHUNK = 64 * 1024
 _F_SETPIPE_SZ = 1031  # include/uapi/linux/fcntl.h (F_LINUX_SPECIFIC_BASE + 7)
 _F_GETPIPE_SZ = 1032
+#: What kernels before 5.13 answered instead of ``EINVAL`` (the kernel-internal ``ENOTSUPP``).
+_ENOTSUPP = 524
 _SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 
@@ -130,7 +132,7 @@ def splice_record(sock_fd: int, pipe: Pipe, count: int, *, nonblock: bool) -> in
     try:
         moved = os.splice(sock_fd, pipe.write_fd, min(count, pipe.capacity), flags=flags)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:
+        if exc.errno in (errno.EINVAL, _ENOTSUPP):
             raise ControlRecordNext from None
         raise
     pipe.held += moved
