@@ -23,8 +23,8 @@ Theory of operation.
   encrypts the pipe's pages into records (``tls_sw_sendpage``; ``MSG_SPLICE_PAGES`` from 6.5 on).
 * **The pipe is emptied before each splice into it.** ``tls_sw_splice_read`` moves one record into the pipe
   and advances by what it *asked* for, not by what the pipe took (``rxm->offset += len``, or
-  ``consume_skb`` when it asked for the whole record, in 6.x's source): a pipe out of slots would lose bytes. Into an empty pipe of ``PIPE_SIZE`` (64 slots) one
-  record (at most 16 KiB in a few pages) always fits.
+  ``consume_skb`` when it asked for the whole record, in 6.x's source): a pipe out of slots would lose
+  bytes. Into an empty pipe of ``PIPE_SIZE`` (64 slots) one record (at most 16 KiB in a few pages) fits.
 * **Userspace fallback** (no kTLS, a cipher the kernel lacks, a TLS 1.3 client's receive before its first
   application record): the same calls copy through Python — the stream reads, then writes to ``fd``.
 
