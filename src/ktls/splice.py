@@ -63,9 +63,9 @@ __all__ = [
     "splice_to_async",
 ]
 
-#: Bytes a pipe is asked to hold (``F_SETPIPE_SZ``): 64 page slots, far more than one record needs
-#: (module docstring). Unprivileged users are limited by ``/proc/sys/fs/pipe-user-pages-soft`` (16384 pages by
-#: default): past it the kernel refuses to grow a pipe, which keeps the default 16 slots, still room for a record.
+#: Bytes a pipe is asked to hold (``F_SETPIPE_SZ``): 64 page slots, far more than one record needs (module
+#: docstring). Unprivileged users are limited by ``/proc/sys/fs/pipe-user-pages-soft`` (16384 pages, i.e. 128
+#: connections of two such pipes): past it the kernel refuses to grow a pipe and receiving copies instead.
 PIPE_SIZE = 256 * 1024
 #: Room for one whole record on a ``recvmsg`` of a control record (RFC 8446 §5.2 TLSInnerPlaintext bound).
 _RECORD_BUFFER = MAX_PLAINTEXT + 256
@@ -87,6 +87,9 @@ class Pipe:
         with contextlib.suppress(OSError):  # EPERM past the per-user soft limit: keep the default size
             fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, size)
         self.capacity = fcntl.fcntl(self.write_fd, _F_GETPIPE_SZ)
+        #: Room enough to splice a record into (module docstring): past the per-user soft limit the kernel
+        #: keeps new pipes at 2 slots, and receiving then copies rather than risk losing bytes.
+        self.roomy = self.capacity >= size
         self.held = 0
         self._finalizer = weakref.finalize(self, _close_pair, self.read_fd, self.write_fd)
 
@@ -236,8 +239,9 @@ def splice_to(endpoint: Endpoint, fd: int, count: int) -> int:
     while True:
         if count <= 0:
             return 0
-        if endpoint.pending() or connection.receiving not in (Receiving.KERNEL, Receiving.CLOSED):
-            copied = endpoint.recv(min(count, _COPY_CHUNK))  # fallback, or bytes decrypted before the hand-off
+        kernel = connection.receiving is Receiving.KERNEL and pipe.roomy
+        if endpoint.pending() or not (kernel or connection.receiving is Receiving.CLOSED):
+            copied = endpoint.recv(min(count, _COPY_CHUNK))  # fallback, bytes decrypted earlier, or a small pipe
             _write_all(fd, copied, endpoint.timeout)
             return len(copied)
         if connection.receiving is Receiving.CLOSED:
@@ -391,7 +395,7 @@ async def splice_to_async(endpoint: AsyncEndpoint, fd: int, count: int) -> int:
         receiving = connection.receiving
         if receiving is Receiving.CLOSED:
             return 0
-        if receiving is not Receiving.KERNEL:
+        if receiving is not Receiving.KERNEL or not pipe.roomy:
             data = await endpoint.copy_in(min(count, _COPY_CHUNK))
             await _write_all_async(loop, fd, data)
             return len(data)
