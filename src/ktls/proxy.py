@@ -210,7 +210,6 @@ class _Paused(asyncio.Protocol):
 
     def __init__(self, on_made: Any = None) -> None:
         self.on_made = on_made
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -220,10 +219,6 @@ class _Paused(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
 
 
 class _Worker:
