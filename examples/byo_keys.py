@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from ktls import Stream
-from ktls.keys import ConnectionKeys
+from ktls.core.keys import ConnectionKeys
 from ktls.serve.certificate import load_default_certificate
 from ktls.tls.keylog import KeylogLabel, iter_keylog
 from ktls.tls.suites import suite_by_openssl_name

@@ -75,6 +75,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
+from kernel_build import (
+    BUILD_PACKAGES,
+    KernelBuildError,
+    SourceBuild,
+    build_kernel,
+    compiler_identity,
+    configuration_digest,
+    missing_build_tools,
+)
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 #: JUnit reports and console logs; ``KTLS_RESULTS`` (a folder inside the project, which the guest shares)
 #: keeps concurrent runs apart.
@@ -96,17 +106,33 @@ KEYRING_IN_PACKAGE = Path("usr/share/keyrings/debian-archive-keyring.gpg")
 
 @dataclasses.dataclass(frozen=True)
 class KernelSource:
-    """Where one kernel of the matrix comes from: a label, and the Debian suite whose amd64 kernel it is."""
+    """Where one kernel of the matrix comes from: a label and a Debian suite, whose amd64 kernel it is, or,
+    with ``build``, whose source package is built into a kernel of our own (scripts/kernel_build.py)."""
 
     label: str
     mirror: str
     suite: str
+    build: SourceBuild | None = None
 
 
 KERNEL_SOURCES: tuple[KernelSource, ...] = (
+    # Debian 11's kernel line; Debian builds it without CONFIG_TLS.
+    KernelSource(
+        "5.10",
+        DEBIAN_SECURITY_MIRROR,
+        "bullseye-security",
+        SourceBuild("linux-source-5.10", ("guest.config", "5.10.config"), "-ktls"),
+    ),
     KernelSource("6.1", DEBIAN_SECURITY_MIRROR, "bookworm-security"),
     KernelSource("6.12", DEBIAN_MIRROR, "trixie"),
     KernelSource("7.2", DEBIAN_MIRROR, "sid"),
+    # sid's 7.2 with SM4 and ARIA, which no Debian kernel builds: all eight kernel AEADs.
+    KernelSource(
+        "7.2-all",
+        DEBIAN_MIRROR,
+        "sid",
+        SourceBuild("linux-source-7.2", ("guest.config", "all-aeads.config"), "-ktls-all"),
+    ),
     KernelSource("7.3", DEBIAN_MIRROR, "experimental"),
 )
 
@@ -615,9 +641,12 @@ def initramfs_digest(busybox: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_initramfs(module_dir: Path, busybox: Path) -> bytes:
+def build_initramfs(module_dir: Path, busybox: Path, *, with_modules: bool = True) -> bytes:
+    """The stage-1 initramfs; a kernel built without module support (ours) has 9p built in and loads nothing."""
+    order = []
     modules = index_modules(module_dir)
-    order = load_order(BOOT_MODULES, modules, builtin_module_names(module_dir))
+    if with_modules:
+        order = load_order(BOOT_MODULES, modules, builtin_module_names(module_dir))
     archive = NewcArchive()
     for directory in ("bin", "boot-modules"):
         archive.add_directory(directory)
@@ -642,6 +671,16 @@ class CachedKernel:
     directory: Path
     release: str
     packages: tuple[str, ...]
+    #: For a kernel we built: the source package's version and configuration_digest(); "" for Debian's.
+    build_key: str = ""
+
+    @property
+    def has_modules(self) -> bool:
+        """False for a kernel built without module support (everything built in, as ours are)."""
+        try:
+            return "# CONFIG_MODULES is not set" not in (self.directory / "config").read_text()
+        except OSError:
+            return True
 
     @property
     def vmlinuz(self) -> Path:
@@ -679,6 +718,7 @@ def load_cached_kernel(directory: Path) -> CachedKernel | None:
             directory=directory,
             release=metadata["release"],
             packages=tuple(metadata["packages"]),
+            build_key=metadata.get("build_key", ""),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -694,6 +734,8 @@ def write_kernel_metadata(kernel: CachedKernel, initramfs_id: str) -> None:
         "packages": list(kernel.packages),
         "initramfs": initramfs_id,
     }
+    if kernel.build_key:
+        metadata["build_key"] = kernel.build_key
     kernel.metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
 
 
@@ -704,7 +746,7 @@ def ensure_initramfs(kernel: CachedKernel, busybox: Path) -> None:
     if kernel.initramfs.exists() and metadata.get("initramfs") == wanted:
         return
     temporary = kernel.initramfs.with_suffix(".tmp")
-    temporary.write_bytes(build_initramfs(kernel.module_dir, busybox))
+    temporary.write_bytes(build_initramfs(kernel.module_dir, busybox, with_modules=kernel.has_modules))
     temporary.replace(kernel.initramfs)
     write_kernel_metadata(kernel, wanted)
 
@@ -786,6 +828,10 @@ def remove_abandoned_work_dirs(cache_dir: Path) -> None:
 
 
 def prepare_kernel(source: KernelSource, cache_dir: Path, tools: HostTools, refresh: bool) -> CachedKernel:
+    if source.build is not None:
+        built = prepare_built_kernel(source, source.build, cache_dir, tools, refresh)
+        ensure_initramfs(built, tools.busybox)
+        return built
     kernel = None if refresh else load_cached_kernel(cache_dir / source.label)
     if kernel is None:
         download_kernel(source, cache_dir, tools)
@@ -794,6 +840,83 @@ def prepare_kernel(source: KernelSource, cache_dir: Path, tools: HostTools, refr
             raise MatrixError(f"kernel {source.label} is incomplete after download")
     ensure_initramfs(kernel, tools.busybox)
     return kernel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels built from Debian's source packages (the building itself: scripts/kernel_build.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def ensure_build_tools() -> None:
+    """The compiler and friends a kernel build needs, installed with apt-get when we are root."""
+    if missing_build_tools() and os.geteuid() == 0:
+        install_host_packages(BUILD_PACKAGES)
+    missing = missing_build_tools()
+    if missing:
+        raise MatrixError(
+            f"building a kernel needs {', '.join(missing)}; install them with:\n"
+            f"    sudo apt-get install --no-install-recommends {' '.join(BUILD_PACKAGES)}"
+        )
+
+
+def build_key(source_version: str, configuration: str) -> str:
+    return f"{source_version}+{configuration}"
+
+
+def prepare_built_kernel(
+    source: KernelSource, build: SourceBuild, cache_dir: Path, tools: HostTools, refresh: bool
+) -> CachedKernel:
+    """The kernel built from `build`, from the cache when its configuration is unchanged.
+
+    The cache key is the source package's version and the configuration digest (fragments, builder,
+    compiler). An ordinary run reuses a kernel whose configuration matches without asking the archive;
+    --refresh asks, and rebuilds only if Debian has published a newer source package.
+    """
+    configuration = configuration_digest(build, compiler_identity())
+    cached = load_cached_kernel(cache_dir / source.label)
+    cached_configuration = (cached.build_key if cached else "").rpartition("+")[2]
+    if cached is not None and cached_configuration == configuration and not refresh:
+        return cached
+    work_dir = Path(tempfile.mkdtemp(prefix=f".work-{source.label}-", dir=cache_dir))
+    try:
+        apt = update_private_apt(source, work_dir / "apt", cache_dir, work_dir)
+        version = apt.show(build.package)["Version"]
+        if cached is not None and cached.build_key == build_key(version, configuration):
+            return cached
+        ensure_build_tools()
+        started = time.monotonic()
+        debs = apt.download([build.package], work_dir / "debs")
+        log(f"[{source.label}] building {build.package} {version} ({', '.join(build.fragments)})")
+        try:
+            built = build_kernel(debs[0], build, work_dir / "build", jobs=os.cpu_count() or 1)
+        except (KernelBuildError, OSError) as error:
+            raise MatrixError(f"building {build.package} failed: {error}") from error
+        staging = work_dir / "kernel"
+        kernel = CachedKernel(
+            source.label, staging, built.release, (f"{build.package}_{version}",), build_key(version, configuration)
+        )
+        staging.mkdir()
+        shutil.copyfile(built.bzimage, kernel.vmlinuz)
+        shutil.copyfile(built.config, staging / "config")
+        shutil.copyfile(work_dir / "build" / "build.log", staging / "build.log")
+        # An empty module tree with depmod's indexes: the guest's modprobe then says "not found" like on any
+        # kernel without modules, instead of failing on a missing directory.
+        kernel.module_dir.mkdir(parents=True)
+        run_command([tools.depmod, "-b", kernel.module_root, built.release])
+        write_kernel_metadata(kernel, "")
+        final = cache_dir / source.label
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        steps = ", ".join(f"{step} {seconds:.0f} s" for step, seconds in built.seconds.items())
+        total = time.monotonic() - started
+        log(f"[{source.label}] built {built.release} in {total:.0f} s ({steps}), cached in {final}")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    reloaded = load_cached_kernel(cache_dir / source.label)
+    if reloaded is None:
+        raise MatrixError(f"kernel {source.label} is incomplete after the build")
+    return reloaded
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -874,16 +997,19 @@ cat > /sbin/ktls-modprobe <<'EOF'
 exec /bin/busybox chroot /newroot {q(str(modprobe))} -d {q(str(kernel.module_root))} "$@"
 EOF
 chmod 755 /sbin/ktls-modprobe
-echo /sbin/ktls-modprobe > /proc/sys/kernel/modprobe
-# What udev's coldplug does on a real system for the CPU: load the modules matching its features (aesni_intel,
-# ghash_clmulni_intel, ...). The crypto API would never ask for them, since generic AES is built in.
-/sbin/ktls-modprobe -qab $(cat /sys/devices/system/cpu/modalias)
+# A kernel built without module support (ours: everything built in) has no modprobe helper to set.
+if [ -e /proc/sys/kernel/modprobe ]; then
+    echo /sbin/ktls-modprobe > /proc/sys/kernel/modprobe
+    # What udev's coldplug does on a real system for the CPU: load the modules matching its features
+    # (aesni_intel, ghash_clmulni_intel, ...). The crypto API would never ask for them: generic AES is built in.
+    /sbin/ktls-modprobe -qab $(cat /sys/devices/system/cpu/modalias)
+fi
 echo "ktls-init: kernel $(uname -r) ready after $(cut -d' ' -f1 /proc/uptime) s, running the test command"
 /bin/busybox env -i {assignments} KTLS_GUEST_KERNEL_RELEASE="$(uname -r)" \\
     /bin/busybox chroot /newroot /bin/sh -c 'mkdir -p "$HOME" && cd "$1" && shift && exec "$@"' ktls-guest {project} \\
     {command} < /dev/null
 echo $? > /ctl/status
-cut -d' ' -f1 /proc/modules | sort > /ctl/modules
+[ -e /proc/modules ] && cut -d' ' -f1 /proc/modules | sort > /ctl/modules
 echo "ktls-init: test command exited with status $(cat /ctl/status)"
 sync
 poweroff -f

@@ -1,7 +1,9 @@
 """An independent TLS record layer for checking the kernel on the wire.
 
 Written from RFC 8446 §5.2-5.3 (TLS 1.3), RFC 5246 §6.2.3.3 + RFC 5288 §3 + RFC 6655 (TLS 1.2 AES-GCM/CCM)
-and RFC 7905 §2 (ChaCha20-Poly1305 in TLS 1.2), with the ``cryptography`` package's AEADs. It shares no
+and RFC 7905 §2 (ChaCha20-Poly1305 in TLS 1.2), RFC 8998 (SM4 in TLS 1.3) and RFC 6209 (ARIA-GCM in TLS 1.2),
+with the ``cryptography`` package's AEADs and, for SM4-CCM and ARIA-GCM, which it lacks, reference_block_aeads.
+SM4 in TLS 1.2 and ARIA are framed like AES-GCM (4-byte salt, 8-byte explicit nonce), as the kernel does. It shares no
 code with ktls: nonces and additional data are built here from the RFCs, so a wrong struct layout, nonce or
 sequence number in ktls shows up as an authentication failure or a mismatch here.
 """
@@ -10,15 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
+
+from reference_block_aeads import SM4GCM, aria_gcm, sm4_ccm
 
 TLS12 = 0x0303
 TLS13 = 0x0304
 APPLICATION_DATA = 23
 TAG_SIZE = 16
 
-AEAD = AESGCM | AESCCM | ChaCha20Poly1305
+
+class AEAD(Protocol):
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None, /) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None, /) -> bytes: ...
+
 
 #: Kernel cipher id (include/uapi/linux/tls.h) → (AEAD factory, key size, "gcm-like" explicit nonce in TLS 1.2).
 AEADS: dict[int, tuple[Callable[[bytes], AEAD], int, bool]] = {
@@ -26,6 +36,10 @@ AEADS: dict[int, tuple[Callable[[bytes], AEAD], int, bool]] = {
     52: (AESGCM, 32, True),
     53: (AESCCM, 16, True),
     54: (ChaCha20Poly1305, 32, False),
+    55: (SM4GCM, 16, True),
+    56: (sm4_ccm, 16, True),
+    57: (aria_gcm, 16, True),
+    58: (aria_gcm, 32, True),
 }
 
 

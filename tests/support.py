@@ -10,13 +10,15 @@ import time
 from collections.abc import Callable
 
 from certs import CertFiles
-from ktls.driver import run_handshake as _drive_handshake
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake, HandshakeResult
-from ktls.keylog_capture import KeylogCapture
-from ktls.keys import ConnectionKeys
+from ktls.core.driver import run_handshake as _drive_handshake
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake, HandshakeResult
+from ktls.core.keylog_capture import KeylogCapture
+from ktls.core.keys import ConnectionKeys
+from ktls.kernel import KernelSupport
+from ktls.tls.suites import suite_by_name, suite_by_openssl_name
 
-__all__ = ["Background", "contexts", "free_port", "handshake_keys", "wait_for_port"]
+__all__ = ["Background", "contexts", "free_port", "handshake_keys", "kernel_refusal", "wait_for_port"]
 
 
 def contexts(
@@ -50,6 +52,22 @@ def handshake_keys(
         result = handshake.result()
         secrets = proven_secrets(handshake, claim, server_side=server_side)  # the proof runs on the host too
     return result, ConnectionKeys.from_handshake(result, secrets, server_side=server_side)
+
+
+def kernel_refusal(support: KernelSupport, suite_name: str) -> str | None:
+    """Why this kernel cannot take ``suite_name`` (IANA or OpenSSL name), or ``None`` when it can: the probe's
+    own error, e.g. 5.10's EINVAL for ChaCha20-Poly1305 (kTLS ChaCha20 is Linux 5.11) or ENOENT for ARIA in a
+    kernel built without it. Tests that need the kernel for a suite skip with this reason; the fallback itself
+    is checked where such a kernel runs (test_stream_interop.test_suite_the_kernel_refuses_falls_back)."""
+    suite = suite_by_name(suite_name) or suite_by_openssl_name(suite_name)
+    if suite is None or suite.cipher_type is None:
+        return f"{suite_name} has no kernel cipher"
+    for entry in support.ciphers:
+        if entry.cipher is suite.cipher_type and entry.version is suite.version:
+            if entry.tx and entry.rx:
+                return None
+            return f"{support.kernel_release} refuses {suite_name}: {entry.error}"
+    return f"{support.kernel_release} does not offer {suite.cipher_type.name} with {suite.version.label}"
 
 
 def free_port() -> int:

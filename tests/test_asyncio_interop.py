@@ -15,7 +15,7 @@ from aio_support import MIB, digest, run
 from certs import CertFiles
 from ktls.errors import RekeyUnsupported
 from ktls.kernel import KernelSupport, read_tls_stat
-from support import free_port, wait_for_port
+from support import free_port, kernel_refusal, wait_for_port
 
 pytestmark = pytest.mark.kernel
 
@@ -52,6 +52,8 @@ def context(case: Case, cert: CertFiles, *, server: bool) -> ssl.SSLContext:
 def test_asyncio_client_downloads_from_openssl_s_server(
     support: KernelSupport, case: Case, rsa_cert: CertFiles, tmp_path: Path
 ) -> None:
+    if refusal := kernel_refusal(support, case[0]):
+        pytest.skip(refusal)
     body = os.urandom(3 * MIB + 12345)
     (tmp_path / "big.bin").write_bytes(body)
     port = free_port()
@@ -89,6 +91,8 @@ def test_asyncio_client_downloads_from_openssl_s_server(
 def test_asyncio_server_with_openssl_s_client(
     support: KernelSupport, case: Case, rsa_cert: CertFiles, tmp_path: Path
 ) -> None:
+    if refusal := kernel_refusal(support, case[0]):
+        pytest.skip(refusal)
     upload = os.urandom(MIB + 777)
     download = os.urandom(2 * MIB + 4321)
     (tmp_path / "upload").write_bytes(upload)

@@ -1,5 +1,5 @@
 """Bring-your-own-keys on the event loop (:func:`ktls.asyncio.connect_with_keys`), checked on the wire against
-the independent record layer (``reference_tls``, the ``cryptography`` AEADs) of ``test_stream_hostile``: what
+the independent record layer (``reference_tls``, the ``cryptography`` AEADs) of ``hostile_peer``: what
 the transport sends decrypts there, what the peer seals arrives, the peer's KeyUpdate is followed, and a forged
 record gets its ``bad_record_mac`` alert — the same behaviour as the blocking ``Stream.from_keys``."""
 
@@ -12,13 +12,13 @@ import socket
 import pytest
 
 import ktls.asyncio
-from ktls.connection import Receiving, Sending
+from hostile_peer import TIMEOUT, Hostile, tls13_protection
 from ktls.constants import AlertDescription, AlertLevel, ContentType
+from ktls.core.connection import Receiving, Sending
+from ktls.core.keys import ConnectionKeys
 from ktls.errors import RecordAuthenticationError
 from ktls.kernel import KernelSupport
-from ktls.keys import ConnectionKeys
 from ktls.tls.suites import suite_by_openssl_name
-from test_stream_hostile import TIMEOUT, Hostile, tls13_protection
 
 pytestmark = pytest.mark.kernel
 

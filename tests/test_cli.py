@@ -66,6 +66,8 @@ def test_check_agrees_with_the_probe(support: KernelSupport) -> None:
     assert code == 0
     for cipher in CIPHERS.values():
         assert cipher.name in text
+    for entry in support.ciphers:  # every refusal with the kernel's reason
+        assert (f"  {entry.cipher.name} {entry.version.label}: {entry.error}" in text) == bool(entry.error)
     code, raw = run("check", "--json")
     assert code == 0
     report = json.loads(raw)

@@ -1,4 +1,4 @@
-"""The connection core alone (:mod:`ktls.connection`), fed events as plain values: no socket, milliseconds.
+"""The connection core alone (:mod:`ktls.core.connection`), fed events as plain values: no socket, milliseconds.
 
 Every event in every state, then hypothesis-driven sequences of events: whatever a peer sends and whatever
 the application does, the only exceptions are the typed ones, nothing is done after the end, a fatal alert
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktls.connection import Connection, Deliver, HandOffReceive, Receiving, Sending
 from ktls.constants import AlertDescription, AlertLevel, ContentType, TLSVersion
-from ktls.control import (
+from ktls.core.connection import Connection, Deliver, HandOffReceive, Receiving, Sending
+from ktls.core.control import (
     ControlRecords,
     Fail,
     InstallKey,
@@ -27,6 +27,7 @@ from ktls.control import (
     WriteClosed,
     key_update_message,
 )
+from ktls.core.handoff import Installed
 from ktls.errors import (
     KernelTLSUnavailable,
     KTLSError,
@@ -35,10 +36,10 @@ from ktls.errors import (
     RecordOverflowError,
     StreamClosed,
 )
-from ktls.handoff import Installed
 from ktls.kernel import CipherType, CryptoInfo, Direction
 
 TLS12, TLS13 = TLSVersion.TLS1_2, TLSVersion.TLS1_3
+TICKET_START = bytes((4, 0, 0, 5, 0))  # the first record of a NewSessionTicket split across records
 CLOSE_NOTIFY = SendAlert(AlertLevel.WARNING, AlertDescription.close_notify)
 
 
@@ -186,6 +187,9 @@ HANDSHAKES = [
     key_update_message(False) + key_update_message(False),  # KeyUpdate not last in its record
     bytes((4, 0, 0, 5)) + bytes(5),  # NewSessionTicket
     bytes((0, 0, 0, 0)),  # HelloRequest
+    key_update_message(False)[:2],  # the start of a message split across records
+    key_update_message(False)[2:],  # and its end
+    b"",  # an empty handshake record
     bytes((1, 0, 0, 2, 3, 3)),  # ClientHello
     bytes((13, 0, 0, 0)),  # CertificateRequest
     bytes((24, 0, 0)),  # a message cut by the record's end
@@ -213,8 +217,7 @@ def apply(connection: Connection, name: str, argument: Any) -> list[Any]:
     if name == "record":
         return list(connection.control_record(int(argument[0]), argument[1]))
     if name == "data":
-        connection.application_data()
-        return []
+        return list(connection.application_data())
     if name == "refused":
         return list(connection.receive_failed(argument(74, "refused")))
     if name == "eof":
@@ -287,6 +290,23 @@ def test_deferred_window_needs_one() -> None:
 
 def _unused_handshake() -> Any:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    from ktls.handshake import Handshake
+    from ktls.core.handshake import Handshake
 
     return Handshake(context, server_side=False)
+
+
+def test_application_data_interrupting_a_tls13_handshake_message_ends_the_connection() -> None:
+    """RFC 8446 §5.1 through the core: the hot-path call answers with the alert once a fragment is pending."""
+    connection = kernel_connection(TLS13)
+    assert connection.application_data() == []
+    assert connection.control_record(ContentType.HANDSHAKE, TICKET_START) == []
+    actions = connection.application_data()
+    assert actions[0] == SendAlert(AlertLevel.FATAL, AlertDescription.unexpected_message)
+    assert isinstance(actions[1], Fail)
+    assert connection.receiving is Receiving.CLOSED
+    assert connection.sending is Sending.CLOSED
+
+
+def test_version_is_the_stdlib_enum() -> None:
+    assert kernel_connection(TLS13).version is ssl.TLSVersion.TLSv1_3
+    assert kernel_connection(TLS12).version is ssl.TLSVersion.TLSv1_2

@@ -7,12 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ktls.constants import AlertDescription, AlertLevel, ContentType, TLSVersion
-from ktls.control import (
+from ktls.core.control import (
     Action,
     ControlRecords,
     Fail,
     InstallKey,
     ReadClosed,
+    ResumeReceive,
     Role,
     SendAlert,
     SendHandshake,
@@ -95,9 +96,93 @@ def test_tls12_warnings_are_ignored_tls13_warnings_are_fatal() -> None:
     assert machine(TLS13).receive_record(ContentType.ALERT, bytes([1, AlertDescription.user_canceled])) == []
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x01", b"\x01\x00\x00"])
-def test_malformed_alert_is_a_decode_error(payload: bytes) -> None:
-    fatal(machine().receive_record(ContentType.ALERT, payload), AlertDescription.decode_error)
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x01", b"\x02", b"\x01\x00\x00", b"\x01\x00\x01\x00", b"\x02\x28\x02\x28", bytes(200)],
+    ids=["one byte", "one fatal byte", "three bytes", "two close_notify coalesced", "two fatal coalesced", "long"],
+)
+def test_malformed_alert_is_a_decode_error(version: TLSVersion, payload: bytes) -> None:
+    """RFC 8446 §6 / RFC 5246 §7.2: an alert is exactly level + description; OpenSSL: decode_error."""
+    state = machine(version)
+    fatal(state.receive_record(ContentType.ALERT, payload), AlertDescription.decode_error)
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_empty_alert_record_is_unexpected(version: TLSVersion) -> None:
+    """RFC 8446 §5.1: no zero-length Alert fragments; OpenSSL answers unexpected_message."""
+    fatal(machine(version).receive_record(ContentType.ALERT, b""), AlertDescription.unexpected_message)
+
+
+@pytest.mark.parametrize("version", [TLS12, TLS13])
+def test_empty_handshake_record_is_unexpected_also_mid_message(version: TLSVersion) -> None:
+    state = machine(version)
+    assert state.receive_record(ContentType.HANDSHAKE, TICKET[:3]) == []
+    fatal(state.receive_record(ContentType.HANDSHAKE, b""), AlertDescription.unexpected_message)
+
+
+@pytest.mark.parametrize("split", range(1, len(key_update_message(False))))
+def test_key_update_split_across_records_is_accepted(split: int) -> None:
+    """A KeyUpdate may span records as long as it ends its last one (RFC 8446 §5.1). Its first record makes
+    Linux ≥ 6.14 pause receiving: the current key goes back in (ResumeReceive) to read the rest."""
+    state = machine()
+    message = key_update_message(False)
+    assert state.receive_record(ContentType.HANDSHAKE, message[:split]) == [ResumeReceive()]
+    actions = state.receive_record(ContentType.HANDSHAKE, message[split:])
+    assert actions == [InstallKey(Direction.RX, next_key(Direction.RX))]
+
+
+def test_a_fragment_that_starts_with_the_key_update_byte_resumes_receiving() -> None:
+    """The kernel looks at a record's first byte only: a ticket fragment starting with 24 pauses it too."""
+    ticket = bytes([4, 0, 0, 5, 24, 0, 0, 16, 0])
+    state = machine()
+    assert state.receive_record(ContentType.HANDSHAKE, ticket[:4]) == []
+    assert state.receive_record(ContentType.HANDSHAKE, ticket[4:]) == [SessionTicket(ticket), ResumeReceive()]
+
+
+def test_no_resume_where_the_kernel_never_pauses() -> None:
+    """Before Linux 6.14 there is no rekey and no pause; a complete KeyUpdate installs the next key instead."""
+    state = machine(rekey=False)
+    assert state.receive_record(ContentType.HANDSHAKE, key_update_message(False)[:2]) == []
+    assert ResumeReceive() not in machine().receive_record(ContentType.HANDSHAKE, key_update_message(False))
+
+
+@pytest.mark.parametrize("sizes", [(1,) * 9, (2, 7), (3, 3, 3), (4, 5), (8, 1)])
+def test_ticket_in_fragments_of_every_size(sizes: tuple[int, ...]) -> None:
+    state = machine()
+    offset, actions = 0, []
+    for size in sizes:
+        actions += state.receive_record(ContentType.HANDSHAKE, TICKET[offset : offset + size])
+        offset += size
+    assert offset == len(TICKET)
+    assert actions == [SessionTicket(TICKET)]
+
+
+@pytest.mark.parametrize("between", [ContentType.ALERT, ContentType.CHANGE_CIPHER_SPEC, 99])
+def test_tls13_record_between_handshake_fragments_is_unexpected(between: int) -> None:
+    """RFC 8446 §5.1: handshake messages MUST NOT be interleaved with other record types."""
+    state = machine(TLS13)
+    assert state.receive_record(ContentType.HANDSHAKE, TICKET[:5]) == []
+    error = fatal(state.receive_record(between, b"\x01\x00"), AlertDescription.unexpected_message)
+    assert "interrupted" in str(error)
+
+
+def test_tls13_application_data_between_handshake_fragments_is_unexpected() -> None:
+    state = machine(TLS13)
+    assert state.application_data_received() == []
+    assert state.receive_record(ContentType.HANDSHAKE, TICKET[:5]) == []
+    fatal(state.application_data_received(), AlertDescription.unexpected_message)
+
+
+def test_tls12_allows_other_records_between_handshake_fragments() -> None:
+    """RFC 5246 §6.2.1: record types "MAY be interleaved"; the HelloRequest still gets its answer."""
+    state = machine(TLS12, Role.CLIENT)
+    assert state.receive_record(ContentType.HANDSHAKE, b"\x00\x00") == []
+    assert state.application_data_received() == []
+    assert state.receive_record(ContentType.ALERT, b"\x01\x64") == []  # a warning: no_renegotiation
+    assert state.receive_record(ContentType.HANDSHAKE, b"\x00\x00") == [
+        SendAlert(AlertLevel.WARNING, AlertDescription.no_renegotiation)
+    ]
 
 
 def test_unknown_alert_level_in_tls12() -> None:
@@ -223,7 +308,7 @@ def test_any_input_gives_actions_or_a_typed_failure(
 
 
 def test_key_update_flood_is_refused() -> None:
-    from ktls.control import MAX_KEY_UPDATES_WITHOUT_DATA
+    from ktls.core.control import MAX_KEY_UPDATES_WITHOUT_DATA
 
     state = machine()
     for _ in range(MAX_KEY_UPDATES_WITHOUT_DATA):
@@ -237,7 +322,7 @@ def test_key_update_flood_is_refused() -> None:
 def test_tls12_warning_alert_flood_is_refused_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     """RFC 5246 sets no bound on warning alerts; OpenSSL refuses the sixth in a row without data
     (``MAX_WARN_ALERT_COUNT``), and so do we. Only the first one of a connection is logged at WARNING."""
-    from ktls.control import MAX_WARNING_ALERTS_WITHOUT_DATA
+    from ktls.core.control import MAX_WARNING_ALERTS_WITHOUT_DATA
 
     state = machine(TLS12)
     warning = bytes([AlertLevel.WARNING, AlertDescription.no_renegotiation])

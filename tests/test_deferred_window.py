@@ -26,8 +26,8 @@ import ktls
 import ktls.asyncio
 from aio_support import run
 from certs import CertFiles
-from ktls.handoff import DeferredReceive
-from ktls.keys import ConnectionKeys
+from ktls.core.handoff import DeferredReceive
+from ktls.core.keys import ConnectionKeys
 from ktls.tls.suites import suite_by_openssl_name
 from reference_tls import TLS13, RecordProtection
 from support import Background, contexts

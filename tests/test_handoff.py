@@ -18,11 +18,11 @@ import pytest
 
 from certs import CertFiles
 from ktls.constants import ContentType, TLSVersion
-from ktls.driver import run_handshake as _drive_handshake
+from ktls.core.driver import run_handshake as _drive_handshake
+from ktls.core.handshake import Handshake
+from ktls.core.keylog_capture import KeylogCapture
 from ktls.errors import KernelTLSUnavailable
-from ktls.handshake import Handshake
 from ktls.kernel import CryptoInfo, Direction
-from ktls.keylog_capture import KeylogCapture
 from reference_tls import TLS13, RecordProtection
 from support import contexts, handshake_keys
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from certs import CertFiles
-from ktls.driver import run_handshake as _drive_handshake
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake
-from ktls.keylog_capture import KeylogCapture
+from ktls.core.driver import run_handshake as _drive_handshake
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake
+from ktls.core.keylog_capture import KeylogCapture
 from support import Background, contexts
 
 

@@ -29,9 +29,9 @@ import pytest
 
 from certs import CertFiles
 from ktls.constants import ContentType, HandshakeType
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake, HandshakeResult
-from ktls.keylog_capture import KeylogCapture, SecretClaim
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake, HandshakeResult
+from ktls.core.keylog_capture import KeylogCapture, SecretClaim
 from ktls.tls.records import RecordReader, client_random_from_client_hello
 from support import contexts
 

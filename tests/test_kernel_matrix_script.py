@@ -10,10 +10,13 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "kernel_matrix.py"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPT = SCRIPTS / "kernel_matrix.py"
 
 
 def load_script() -> ModuleType:
+    if str(SCRIPTS) not in sys.path:  # kernel_matrix.py imports its sibling kernel_build.py, as when run
+        sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location("kernel_matrix", SCRIPT)
     assert spec is not None
     assert spec.loader is not None
@@ -24,6 +27,7 @@ def load_script() -> ModuleType:
 
 
 km = load_script()
+kb = sys.modules["kernel_build"]
 
 
 def read_newc(archive: bytes) -> list[tuple[str, int, bytes]]:
@@ -164,10 +168,10 @@ def test_summary_table_has_one_row_per_kernel() -> None:
 
 
 def test_kernel_selection_and_pytest_arguments() -> None:
-    assert [source.label for source in km.select_kernels("")] == ["6.1", "6.12", "7.2", "7.3"]
+    assert [source.label for source in km.select_kernels("")] == ["5.10", "6.1", "6.12", "7.2", "7.2-all", "7.3"]
     assert [source.label for source in km.select_kernels("7.3, 6.1,7.3")] == ["7.3", "6.1"]
     with pytest.raises(km.MatrixError):
-        km.select_kernels("5.10")
+        km.select_kernels("4.19")
     arguments, extra = km.parse_arguments(["--kernels", "7.2", "--", "-k", "probe", "--", "x"])
     assert arguments.kernels == "7.2"
     assert extra == ["-k", "probe", "--", "x"]
@@ -186,3 +190,59 @@ def test_static_executable_detection(tmp_path: Path) -> None:
     not_elf = tmp_path / "script"
     not_elf.write_bytes(b"#!/bin/sh\n")
     assert not km.is_static_executable(not_elf)
+
+
+def test_built_kernels_come_from_debian_source_packages() -> None:
+    built = {source.label: source.build for source in km.KERNEL_SOURCES if source.build is not None}
+    assert built.keys() == {"5.10", "7.2-all"}
+    assert built["5.10"].package == "linux-source-5.10"
+    assert built["7.2-all"].package == "linux-source-7.2"
+    for build in built.values():
+        for name in build.fragments:
+            kb.wanted_options([kb.fragment_text(name)])  # every fragment parses
+    assert "CONFIG_CRYPTO_ARIA" in kb.wanted_options([kb.fragment_text("all-aeads.config")])
+
+
+def test_fragment_lines_that_olddefconfig_dropped_are_named() -> None:
+    wanted = kb.wanted_options(['# comment\n\nCONFIG_TLS=y\nCONFIG_CRYPTO_ARIA=y\nCONFIG_LOCALVERSION="-x"\n'])
+    config = 'CONFIG_TLS=y\n# CONFIG_CRYPTO_ARIA is not set\nCONFIG_LOCALVERSION="-x"\n'
+    assert kb.options_not_applied(config, wanted) == ["CONFIG_CRYPTO_ARIA=y (got not set)"]
+    with pytest.raises(kb.KernelBuildError):
+        kb.wanted_options(["TLS=y"])
+
+
+def test_configuration_digest_follows_fragments_and_compiler() -> None:
+    build = kb.SourceBuild("linux-source-5.10", ("guest.config",), "-ktls")
+    digest = kb.configuration_digest(build, "gcc 12")
+    assert digest == kb.configuration_digest(build, "gcc 12")
+    assert digest != kb.configuration_digest(build, "gcc 14")
+    assert digest != kb.configuration_digest(
+        kb.SourceBuild("linux-source-5.10", ("guest.config", "5.10.config"), "-ktls"), "gcc 12"
+    )
+    assert km.build_key("5.10.262-1", digest).rpartition("+")[2] == digest
+
+
+def test_a_kernel_without_modules_gets_an_initramfs_that_loads_none(tmp_path: Path) -> None:
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"\x7fELF")
+    (tmp_path / "modules").mkdir()
+    entries = {
+        name: data for name, _, data in read_newc(km.build_initramfs(tmp_path / "modules", busybox, with_modules=False))
+    }
+    assert entries["boot-modules/load-order"] == b""
+    assert not [name for name in entries if name.endswith(".ko")]
+    directory = tmp_path / "kernel"
+    directory.mkdir()
+    (directory / "config").write_text("CONFIG_TLS=y\n# CONFIG_MODULES is not set\n")
+    assert not km.CachedKernel("5.10", directory, "5.10.262-ktls", ()).has_modules
+    (directory / "config").write_text("CONFIG_MODULES=y\nCONFIG_TLS=m\n")
+    assert km.CachedKernel("6.1", directory, "6.1.0-1-amd64", ()).has_modules
+
+
+def test_scripts_test_installs_the_kernel_build_tools() -> None:
+    """CI starts from a clean machine: scripts/test must install what kernel_build.py needs."""
+    text = (SCRIPTS / "test").read_text()
+    lists = [
+        line.partition("(")[2].partition(")")[0] for line in text.splitlines() if line.startswith("system_packages")
+    ]
+    assert set(kb.BUILD_PACKAGES) <= {package for packages in lists for package in packages.split()}

@@ -1,4 +1,4 @@
-"""Fork safety of the in-memory key log (:mod:`ktls.keylog_capture`, "fork").
+"""Fork safety of the in-memory key log (:mod:`ktls.core.keylog_capture`, "fork").
 
 A forked child inherits the parent's memory file descriptor — the very same open file. If both kept using it,
 one side's reads would punch holes over lines the other has not read yet, and one side's truncation would
@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 
 from certs import CertFiles
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake
-from ktls.keylog_capture import KeylogCapture, SecretClaim
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake
+from ktls.core.keylog_capture import KeylogCapture, SecretClaim
 from ktls.tls.records import RecordReader
 from support import contexts, handshake_keys
 

@@ -17,8 +17,8 @@ import threading
 import pytest
 
 from certs import CertFiles
-from ktls.handshake import Handshake
-from ktls.keylog_capture import KeylogCapture
+from ktls.core.handshake import Handshake
+from ktls.core.keylog_capture import KeylogCapture
 from support import contexts, handshake_keys
 
 CONNECTIONS = 200

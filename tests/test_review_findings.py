@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from certs import CertFiles
 from ktls.constants import AlertDescription, ContentType, TLSVersion
-from ktls.control import MAX_WARNING_ALERTS_WITHOUT_DATA, ControlRecords, Fail, Role, SendAlert
-from ktls.driver import run_handshake as _drive_handshake
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake
-from ktls.keylog_capture import KeylogCapture
+from ktls.core.control import MAX_WARNING_ALERTS_WITHOUT_DATA, ControlRecords, Fail, Role, SendAlert
+from ktls.core.driver import run_handshake as _drive_handshake
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake
+from ktls.core.keylog_capture import KeylogCapture
 from ktls.serve.http import parse_request, respond
 from raw_framing import extension, handshake_message, record, vector
 from raw_tls13 import RawTLS13Client

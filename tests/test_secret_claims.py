@@ -2,7 +2,7 @@
 
 The key log names a connection's lines by its client random, which the client chooses. Here the parser's "no
 latest wins" rule (:class:`~ktls.tls.keylog.KeylogParser`) and the capture's claims
-(:class:`~ktls.keylog_capture.SecretClaim`) are driven with synthetic NSS key-log lines written straight
+(:class:`~ktls.core.keylog_capture.SecretClaim`) are driven with synthetic NSS key-log lines written straight
 into a capture's memory file, so every interleaving is forced; and two real handshakes show a line planted
 under a connection's random (before or after OpenSSL's own) keeps the secrets out of the kernel. Secrets
 never leave the process by pickling, and no ``repr`` shows one.
@@ -20,11 +20,11 @@ from collections.abc import Callable
 import pytest
 
 from certs import CertFiles
-from ktls.driver import run_handshake as _drive_handshake
+from ktls.core.driver import run_handshake as _drive_handshake
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake
+from ktls.core.keylog_capture import KeylogCapture, SecretClaim
 from ktls.errors import KernelTLSUnavailable
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake
-from ktls.keylog_capture import KeylogCapture, SecretClaim
 from ktls.tls.keylog import ConnectionSecrets, KeylogEntry, KeylogLabel, KeylogParser, Secret, parse_keylog_line
 from support import contexts
 

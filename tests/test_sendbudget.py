@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ktls.constants import MAX_PLAINTEXT
-from ktls.sendbudget import SendBudget
+from ktls.core.sendbudget import SendBudget
 
 
 def test_no_limit_never_asks() -> None:

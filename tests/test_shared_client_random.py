@@ -38,11 +38,11 @@ import pytest
 import ktls
 import ktls.asyncio
 from certs import CertFiles
-from ktls.driver import run_handshake as _drive_handshake
+from ktls.core.driver import run_handshake as _drive_handshake
+from ktls.core.handoff import proven_secrets
+from ktls.core.handshake import Handshake
+from ktls.core.keylog_capture import KeylogCapture
 from ktls.errors import KernelTLSUnavailable
-from ktls.handoff import proven_secrets
-from ktls.handshake import Handshake
-from ktls.keylog_capture import KeylogCapture
 from ktls.tls.keylog import KeylogLabel
 from raw_tls12 import RawTLS12Client
 from raw_tls13 import RawTLS13Client

@@ -1,6 +1,6 @@
 """Splice on kernel TLS streams (:mod:`ktls.splice`), checked on the wire against the independent record layer.
 
-The peer is ``test_stream_hostile``'s: a raw socket and ``reference_tls`` (the ``cryptography`` AEADs), with
+The peer is ``hostile_peer``'s: a raw socket and ``reference_tls`` (the ``cryptography`` AEADs), with
 TLS 1.3 keys derived by an HKDF of its own, so it seals exactly the records a test wants — data, then a
 control record (alert, NewSessionTicket, KeyUpdate, close_notify) in the middle, then more data — and
 decrypts what the stream sent. What the kernel does at a control record met by ``splice`` is asserted first,
@@ -11,6 +11,7 @@ it, in order, and the connection followed the record. The userspace fallback is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import socket
@@ -23,17 +24,37 @@ import pytest
 import ktls
 import ktls.asyncio
 from certs import CertFiles
+from hostile_peer import TIMEOUT, Hostile, tls13_protection
 from ktls import Stream
-from ktls.constants import ContentType, HandshakeType, TLSVersion
+from ktls.constants import ContentType, HandshakeType
+from ktls.core.keys import ConnectionKeys
 from ktls.kernel import KernelSupport, recv_record
-from ktls.keys import ConnectionKeys
 from ktls.tls.suites import suite_by_openssl_name
 from reference_tls import OpenedRecord
 from support import contexts
-from test_stream_hostile import TIMEOUT, Case, Hostile, make_case, tls13_protection
 
 USER_CANCELED = bytes([1, 90])  # RFC 8446 §6.1: a warning-level alert that TLS 1.3 still allows
 CLOSE_NOTIFY = b"\x01\x00"
+
+
+@dataclasses.dataclass
+class Case:
+    stream: Stream
+    hostile: Hostile
+
+
+def make_case() -> Case:
+    """Our kernel stream (a TLS 1.3 client, keys chosen here) on one end of a loopback pair, the peer on the other."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        ours, _ = listener.accept()
+    ours.settimeout(TIMEOUT)
+    suite = suite_by_openssl_name("TLS_AES_128_GCM_SHA256")
+    assert suite is not None
+    ours_secret, theirs_secret = os.urandom(32), os.urandom(32)
+    keys = ConnectionKeys(suite, tx=ours_secret, rx=theirs_secret)
+    stream = Stream.from_keys(ours, keys, server_side=False, tx_seq=0, rx_seq=0)
+    return Case(stream, Hostile(theirs, tls13_protection(theirs_secret), tls13_protection(ours_secret), theirs_secret))
 
 
 def _ticket() -> bytes:
@@ -43,7 +64,7 @@ def _ticket() -> bytes:
 
 @pytest.fixture
 def case() -> Iterator[Case]:
-    made = make_case(TLSVersion.TLS1_3, server_side=False)  # a client: it may receive tickets
+    made = make_case()  # a client: it may receive tickets
     yield made
     made.stream.close()
     made.hostile.sock.close()

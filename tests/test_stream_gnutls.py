@@ -34,7 +34,7 @@ import pytest
 import ktls
 from certs import CertFiles
 from ktls.kernel import KernelSupport
-from support import Background, free_port, wait_for_port
+from support import Background, free_port, kernel_refusal, wait_for_port
 from test_stream_interop import offer_tls13_suites
 
 pytestmark = pytest.mark.kernel
@@ -129,6 +129,8 @@ def test_our_client_with_gnutls_serv(
     support: KernelSupport, gnutls_serv: tuple[int, Suite], certs: dict[str, CertFiles], tmp_path: Path
 ) -> None:
     port, suite = gnutls_serv
+    if refusal := kernel_refusal(support, suite.openssl_name):
+        pytest.skip(refusal)
     context = context_for(suite, certs[suite.cert], server_side=False)
     lines = hex_lines(MIB)
     received = bytearray()
@@ -182,6 +184,8 @@ def run_gnutls_cli(command: list[str], upload: bytes, expect: int) -> tuple[byte
 def test_gnutls_cli_with_our_server(
     support: KernelSupport, suite: Suite, certs: dict[str, CertFiles], tmp_path: Path
 ) -> None:
+    if refusal := kernel_refusal(support, suite.openssl_name):
+        pytest.skip(refusal)
     cert = certs[suite.cert]
     context = context_for(suite, cert, server_side=True)
     # gnutls-cli writes what it receives to stdout one byte per write(2) (fputc on an unbuffered stdout):

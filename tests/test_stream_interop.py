@@ -23,7 +23,7 @@ import ktls
 from certs import CertFiles
 from ktls.errors import RekeyUnsupported
 from ktls.kernel import KernelSupport, read_tls_stat
-from support import free_port, wait_for_port
+from support import free_port, kernel_refusal, wait_for_port
 
 pytestmark = pytest.mark.kernel
 
@@ -40,6 +40,9 @@ TLS12_SUITES = [
     ("ECDHE-RSA-CHACHA20-POLY1305", "rsa"),
     ("ECDHE-ECDSA-AES128-GCM-SHA256", "ecdsa"),
     ("ECDHE-ECDSA-AES128-CCM", "ecdsa"),
+    # ARIA-GCM (RFC 6209; the kernel: TLS 1.2 only, where built with CONFIG_CRYPTO_ARIA — the 7.2-all guest).
+    ("ECDHE-ARIA128-GCM-SHA256", "rsa"),
+    ("ECDHE-ECDSA-ARIA256-GCM-SHA384", "ecdsa"),
 ]
 #: (id, openssl version flag, openssl suite option, python TLS version, python cipher string, cert kind)
 CASES = [(s, "-tls1_3", ["-ciphersuites", s], ssl.TLSVersion.TLSv1_3, None, "rsa") for s in TLS13_SUITES] + [
@@ -132,6 +135,8 @@ def test_our_client_downloads_from_openssl_s_server(
     ecdsa_cert: CertFiles,
 ) -> None:
     port, case = s_server_www
+    if refusal := kernel_refusal(support, case[0]):
+        pytest.skip(refusal)
     context = client_context(case, cert_for(case[5], rsa_cert, ecdsa_cert))
     # The wait_for_port probe was one connection; this is the real one.
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -151,10 +156,45 @@ def test_our_client_downloads_from_openssl_s_server(
     assert sha256(body) == sha256(big_file.read_bytes())
 
 
+@pytest.mark.parametrize("s_server_www", CASES, ids=[c[0] for c in CASES], indirect=True)
+def test_suite_the_kernel_refuses_falls_back(
+    support: KernelSupport,
+    s_server_www: tuple[int, Case],
+    big_file: Path,
+    rsa_cert: CertFiles,
+    ecdsa_cert: CertFiles,
+) -> None:
+    """Where this kernel refuses the suite (5.10: ChaCha20-Poly1305; all but 7.2-all: ARIA), the connection
+    stays in userspace TLS, says why, and works; with require_kernel it is refused with the same reason."""
+    port, case = s_server_www
+    refusal = kernel_refusal(support, case[0])
+    if refusal is None:
+        pytest.skip(f"{support.kernel_release} takes {case[0]}: the tests above run it in the kernel")
+    context = client_context(case, cert_for(case[5], rsa_cert, ecdsa_cert))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with ktls.wrap_socket(sock, context, server_hostname="localhost") as stream:
+        assert not stream.kernel_tx
+        assert not stream.kernel_rx
+        label = "TLSv1.3" if case[3] is ssl.TLSVersion.TLSv1_3 else "TLSv1.2"
+        assert stream.fallback_reason == f"this kernel does not accept {case[0]} ({label})"
+        stream.sendall(b"GET /big.bin HTTP/1.0\r\n\r\n")
+        received = bytearray()
+        while chunk := stream.recv(65536):
+            received += chunk
+    _, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert sha256(body) == sha256(big_file.read_bytes())
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with pytest.raises(ktls.KernelTLSUnavailable, match=f"does not accept {case[0]}"):
+        ktls.wrap_socket(sock, context, server_hostname="localhost", require_kernel=True)
+    sock.close()
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_our_server_with_openssl_s_client(
     support: KernelSupport, case: Case, rsa_cert: CertFiles, ecdsa_cert: CertFiles, tmp_path: Path
 ) -> None:
+    if refusal := kernel_refusal(support, case[0]):
+        pytest.skip(refusal)
     cert = cert_for(case[5], rsa_cert, ecdsa_cert)
     context = server_context(case, cert)
     upload = os.urandom(MIB + 777)

@@ -79,6 +79,12 @@ def _print_check(support: KernelSupport, stat: dict[str, int] | None, out: TextI
             entry = next(c for c in support.ciphers if c.cipher is cipher.cipher_type and c.version is version)
             cells.append(f"{_mark(entry.tx)}/{_mark(entry.rx)}")
         print(f"{cipher.name:<20} {cells[0]:<15} {cells[1]:<15}", file=out)
+    refused = [entry for entry in support.ciphers if entry.error]
+    if refused:  # why each "no": EINVAL (a kernel too old for the cipher) and ENOENT (not built) read alike
+        print("", file=out)
+        print("refused:", file=out)
+        for entry in refused:
+            print(f"  {entry.cipher.name} {entry.version.label}: {entry.error}", file=out)
     print("", file=out)
     rekey = f"tx {_mark(support.rekey_tx)}, rx {_mark(support.rekey_rx)}"
     if not support.rekey and support.rekey_error:
@@ -235,7 +241,7 @@ def _add_proxy(commands: Any) -> None:
 def _bench(args: argparse.Namespace, out: TextIO) -> int:
     from . import bench  # noqa: PLC0415 - only this command needs the workloads
 
-    return bench.main(args.size, args.seconds, args.connections, args.json, out)
+    return bench.main(args.size, args.seconds, args.connections, args.json, out, scale=args.scale, rate=args.rate)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -278,6 +284,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=3.0, help="duration of timed loops (default 3)")
     bench.add_argument("--connections", type=int, default=100, help="idle connections for the memory row")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument(
+        "--scale", action="store_true", help="also 1/10/100 concurrent bulk connections and latency at --rate"
+    )
+    bench.add_argument("--rate", type=float, default=100.0, help="round trips/s of the latency rows (default 100)")
     bench.set_defaults(run=_bench)
     stat = commands.add_parser("stat", help="the kernel's kTLS counters (/proc/net/tls_stat)")
     stat.add_argument("--json", action="store_true", help="machine-readable output")

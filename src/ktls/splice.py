@@ -13,7 +13,7 @@ Theory of operation.
   kernel decrypts the record, puts it back at the head of its receive queue and fails the call with
   ``EINVAL``; nothing of it reaches the pipe and nothing of the data before it is held back. A ``recvmsg``
   with room for the ``TLS_GET_RECORD_TYPE`` control message then returns exactly that record with its type,
-  which goes to the connection core (:meth:`ktls.connection.Connection.control_record`); its actions (a
+  which goes to the connection core (:meth:`ktls.core.connection.Connection.control_record`); its actions (a
   KeyUpdate's new receive key, our KeyUpdate in answer, the end of the read side) are carried out by the
   front end before the next splice. On 7.x a peer's KeyUpdate makes the kernel refuse further records
   (``EKEYEXPIRED``) and hide readability until the new key is set, so the new key must be installed right
@@ -47,8 +47,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from .connection import Action, Connection, Receiving, Sending
 from .constants import MAX_PLAINTEXT, ContentType
+from .core.connection import Action, Connection, Receiving, Sending
 from .errors import KernelTLSFailure, RecordError
 from .kernel import syscalls
 

@@ -57,15 +57,17 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
-from . import driver, splice
-from .connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
+from . import splice
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
-from .control import Fail, InstallKey, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
-from .errors import KernelTLSFailure, KernelTLSUnavailable, RecordError, StreamClosed
-from .handshake import Handshake
+from .core import driver
+from .core.connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
+from .core.control import Fail, InstallKey, ResumeReceive, Role, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from .core.handshake import Handshake
+from .core.keys import ConnectionKeys
+from .core.userspace import UserspaceTLS
+from .errors import KernelTLSUnavailable, RecordError, StreamClosed
 from .kernel import syscalls
 from .kernel.uapi import Direction
-from .keys import ConnectionKeys
 
 __all__ = ["Stream", "wrap_socket"]
 
@@ -155,9 +157,9 @@ class Stream(ConnectionState):
         self._timeout: float | None = None
         self.settimeout(sock.gettimeout())  # module docstring, "Timeouts are the kernel's"
         self._scratch: memoryview | None = None  # where small kernel reads land (``_read_kernel``)
-        self._handshake = handshake
-        self._sslobj = handshake.ssl_object if handshake is not None else None
+        self._sslobj = handshake.ssl_object if handshake is not None else None  # what the handshake says
         self._connection = connection
+        self._userspace = UserspaceTLS(handshake, connection) if handshake is not None else None
         self._plaintext = bytearray()  # decrypted before the hand-off, delivered first
         self._closed = False
         self._io_refs = 0
@@ -207,15 +209,16 @@ class Stream(ConnectionState):
         self._connection.suppress_ragged_eofs = value
 
     def _ssl(self) -> ssl.SSLObject:
-        """OpenSSL's connection object: for userspace TLS, and for what it knows about the handshake."""
+        """OpenSSL's connection object: what it knows about the handshake."""
         if self._sslobj is None:
             raise KernelTLSUnavailable(None, "this stream was built from keys: it has no userspace TLS")
         return self._sslobj
 
-    def _handshake_state(self) -> Handshake:
-        if self._handshake is None:
+    def _openssl(self) -> UserspaceTLS:
+        """OpenSSL's record layer: fallback, receive left in user space, the deferred window."""
+        if self._userspace is None:
             raise KernelTLSUnavailable(None, "this stream was built from keys: it has no userspace TLS")
-        return self._handshake
+        return self._userspace
 
     # -- receiving --------------------------------------------------------------------------------------------------
 
@@ -324,9 +327,10 @@ class Stream(ConnectionState):
     def _application_data(self, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> bool:
         """Whether a kernel read returned application data (one tuple comparison: the hot path's check);
         if so, the state machine hears of it (it ends a KeyUpdate exchange)."""
-        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & socket.MSG_CTRUNC:
+        if not ancdata or ancdata[0] != syscalls.APPLICATION_DATA_CMSG or msg_flags & syscalls.MSG_CTRUNC:
             return False
-        self._connection.application_data()
+        if actions := self._connection.application_data():
+            self._run(actions)  # it interrupted a handshake message: the alert, then the error
         return True
 
     def _kernel_record(self, content_type: ContentType | int | None, data: bytes) -> int | None:
@@ -367,34 +371,21 @@ class Stream(ConnectionState):
             self._io_failed(exc, writing=writing)
 
     def _read_userspace(self, bufsize: int) -> bytes | None:
-        """OpenSSL reads (fallback, or receive left in user space)."""
-        try:
-            return self._ssl().read(bufsize)
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            self._connection.closed_by_peer()
-            return b""
-        except ssl.SSLEOFError:
-            return self._connection.end_of_stream()
-        data = self._wait_for(lambda: self._sock.recv(65536), writing=False)
-        if not data:
-            self._handshake_state().incoming.write_eof()
-        else:
-            self._handshake_state().incoming.write(data)
-        return None
+        """OpenSSL reads (fallback, or receive left in user space); ``None``: it needed ciphertext, read again."""
+        userspace = self._openssl()
+        data = userspace.read(bufsize)
+        if data is None:
+            userspace.received(self._wait_for(lambda: self._sock.recv(65536), writing=False))
+            if self._connection.sending is Sending.USERSPACE:
+                self._userspace_unsent += userspace.output()  # an alert or KeyUpdate answer: ours to send
+        return data
 
     def _read_deferred(self) -> bytes | None:
         """TLS 1.3 client before its first application record (:meth:`ktls.connection.Connection.deferred_record`):
         OpenSSL reads exactly one record at a time; what it decrypted lands in ``_plaintext``."""
-        handshake = self._handshake_state()
-        wanted = handshake.bytes_needed()
-        data = self._wait_for(lambda: self._sock.recv(wanted), writing=False)
-        if not data:
-            return self._connection.end_of_stream()
-        record = handshake.receive(data)
-        if record is not None:  # else the record is not whole yet
-            self._run(self._connection.deferred_record(handshake, record))
+        userspace = self._openssl()
+        wanted = userspace.deferred_wanted()
+        self._run(userspace.deferred_received(self._wait_for(lambda: self._sock.recv(wanted), writing=False)))
         return None
 
     # -- sending -----------------------------------------------------------------------------------------------------
@@ -429,8 +420,8 @@ class Stream(ConnectionState):
     def _send_userspace(self, data: bytes | bytearray | memoryview) -> int:
         if self._userspace_unsent:
             self._flush_userspace()
-        written = self._ssl().write(data)
-        self._userspace_unsent += self._handshake_state().outgoing.read()
+        written, ciphertext = self._openssl().encrypt(data)
+        self._userspace_unsent += ciphertext
         try:
             self._flush_userspace()
         except (BlockingIOError, TimeoutError):
@@ -521,6 +512,8 @@ class Stream(ConnectionState):
                 syscalls.set_crypto_info(self._sock, action.direction, action.info)
             elif isinstance(action, Deliver):
                 self._plaintext += action.plaintext
+            elif isinstance(action, ResumeReceive):
+                driver.resume_receive(self._sock, self._connection)
             elif isinstance(action, HandOffReceive):
                 driver.hand_off_receive(self._sock, self._connection, action)
             elif isinstance(action, WriteClosed):
@@ -535,7 +528,6 @@ class Stream(ConnectionState):
         if not self.kernel_tx:
             return
         deadline = time.monotonic() + _CLOSE_TIMEOUT
-        cleared = False
         while True:
             try:
                 syscalls.send_record(self._sock, content_type, payload, socket.MSG_DONTWAIT)
@@ -546,15 +538,6 @@ class Stream(ConnectionState):
                     message = f"could not send a {content_type.name} record: the peer is not reading"
                     raise StreamClosed(message) from None
                 select.select([], [self._sock], [], remaining)
-            except KernelTLSFailure as exc:
-                # A receive error (EBADMSG, EMSGSIZE, ...) stays pending on the socket (sk_err), and the
-                # kernel's sendmsg reports it instead of sending: the alert telling the peer about that very
-                # error would never leave. Reading SO_ERROR consumes it; then the alert goes out.
-                if cleared or exc.errno is None:
-                    raise
-                if self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != exc.errno:
-                    raise
-                cleared = True
 
     def _half_close(self) -> None:
         try:
@@ -594,11 +577,7 @@ class Stream(ConnectionState):
             self._run([a for a in actions if not isinstance(a, WriteClosed)])
             return
         self._flush_before_close()  # what send() accepted goes first, and is never dropped silently
-        try:
-            self._ssl().unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLError):
-            pass
-        self._userspace_unsent += self._handshake_state().outgoing.read()
+        self._userspace_unsent += self._openssl().close_notify()
         with contextlib.suppress(TimeoutError):
             self._flush_before_close()  # only our close_notify is left: the peer sees a ragged EOF
 
@@ -796,7 +775,7 @@ class Stream(ConnectionState):
 
     def version(self) -> str | None:
         if self._sslobj is None:
-            return self._connection.version.label
+            return self._connection.control.version.label
         return self._sslobj.version()
 
     def cipher(self) -> tuple[str, str, int] | None:

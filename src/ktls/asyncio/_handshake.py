@@ -16,9 +16,9 @@ import ssl
 from collections.abc import Generator
 from typing import TypeVar
 
-from .. import driver
-from ..connection import Connection
-from ..handshake import Handshake
+from ..core import driver
+from ..core.connection import Connection
+from ..core.handshake import Handshake
 
 __all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "DEFAULT_SHUTDOWN_TIMEOUT", "handshake"]
 

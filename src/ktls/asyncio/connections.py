@@ -19,10 +19,10 @@ from asyncio import trsock
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..connection import Connection
-from ..driver import take_over_with_keys
-from ..handshake import Handshake
-from ..keys import ConnectionKeys
+from ..core.connection import Connection
+from ..core.driver import take_over_with_keys
+from ..core.handshake import Handshake
+from ..core.keys import ConnectionKeys
 from ._handshake import handshake
 from .transport import KTLSTransport
 

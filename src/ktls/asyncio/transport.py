@@ -53,14 +53,25 @@ import warnings
 from asyncio import constants as asyncio_constants
 from asyncio import selector_events, transports, trsock
 from collections.abc import Callable, Iterable
-from typing import IO, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 
-from .. import driver, splice
-from ..connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
+from .. import splice
 from ..constants import MAX_PLAINTEXT, AlertLevel, ContentType
-from ..control import Fail, InstallKey, ReadClosed, SendAlert, SendHandshake, SessionTicket, WriteClosed
+from ..core import driver
+from ..core.connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
+from ..core.control import (
+    Fail,
+    InstallKey,
+    ReadClosed,
+    ResumeReceive,
+    SendAlert,
+    SendHandshake,
+    SessionTicket,
+    WriteClosed,
+)
+from ..core.handshake import Handshake
+from ..core.userspace import UserspaceTLS
 from ..errors import KernelTLSFailure, KTLSError, RecordError, StreamClosed
-from ..handshake import Handshake
 from ..kernel import syscalls
 from ..kernel.uapi import CryptoInfo, Direction
 from ._handshake import DEFAULT_SHUTDOWN_TIMEOUT
@@ -131,12 +142,10 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
     ) -> None:
         super().__init__(None, loop)
         self._loop: asyncio.AbstractEventLoop = loop
-        self._protocol_paused = False
-        self._set_write_buffer_limits()
         self._sock = sock
         self._sock_fd = sock.fileno()
-        self._handshake = handshake  # OpenSSL's side: user space, the deferred window, TLS information
-        self._sslobj = handshake.ssl_object if handshake is not None else None
+        self._sslobj = handshake.ssl_object if handshake is not None else None  # what the handshake says
+        self._userspace = UserspaceTLS(handshake, connection) if handshake is not None else None
         self._connection = connection  # every protocol decision (ktls.connection)
         self._shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
         self._server = server
@@ -224,7 +233,7 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
     def _userspace_pending(self) -> bool:
         """OpenSSL holds decrypted bytes the protocol has not had (user space receives)."""
         userspace = self._connection.receiving is Receiving.USERSPACE
-        return userspace and self._sslobj is not None and self._sslobj.pending() > 0
+        return userspace and self._userspace is not None and self._userspace.pending > 0
 
     # -- extra info -----------------------------------------------------------------------------------------------
 
@@ -343,7 +352,8 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
                 buf = self._get_buffer()
                 content_type, nbytes, end = syscalls.recv_record_into(self._sock, buf)
                 if content_type == ContentType.APPLICATION_DATA:
-                    self._connection.application_data()
+                    if actions := self._connection.application_data():
+                        self._run(actions)  # it interrupted a handshake message: the alert, then the error
                     self._buffered_protocol().buffer_updated(nbytes)
                     return True
                 data = bytes(memoryview(buf)[:nbytes])
@@ -351,7 +361,8 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
                 record = syscalls.recv_record(self._sock, self.max_size)
                 content_type, data, end = record.content_type, record.data, record.end_of_record
                 if content_type == ContentType.APPLICATION_DATA:
-                    self._connection.application_data()
+                    if actions := self._connection.application_data():
+                        self._run(actions)
                     self._protocol_data(data)
                     return True
         except (BlockingIOError, InterruptedError):
@@ -389,22 +400,15 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
     def _read_deferred(self) -> bool:
         """TLS 1.3 client before the first application record: OpenSSL reads, exactly one record at a time
         (:meth:`ktls.connection.Connection.deferred_record` says what each meant)."""
-        handshake = self._handshake
-        assert handshake is not None
+        userspace = self._openssl()
         progress = False
         while self._connection.receiving is Receiving.DEFERRED and self._want_reader() and not self._paused:
             try:
-                data = self._sock.recv(handshake.bytes_needed())
+                data = self._sock.recv(userspace.deferred_wanted())
             except (BlockingIOError, InterruptedError):
                 return progress
             progress = True
-            if not data:
-                self._connection.end_of_stream()
-                self._on_eof()
-                return True
-            record = handshake.receive(data)
-            if record is not None:  # else the record is not whole yet
-                self._run(self._connection.deferred_record(handshake, record))
+            self._run(userspace.deferred_received(data))
         return progress
 
     def _read_userspace(self) -> bool:
@@ -413,55 +417,39 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
             data = self._sock.recv(self.max_size)
         except (BlockingIOError, InterruptedError):
             return False
-        assert self._handshake is not None
-        if data:
-            self._handshake.incoming.write(data)
-        else:
-            self._handshake.incoming.write_eof()
+        self._openssl().received(data)
         self._pump_userspace()
         return True
 
     def _pump_userspace(self) -> None:
-        assert self._sslobj is not None
+        userspace = self._openssl()
         try:
             while not self._paused and not self._closing and not self._read_done:
-                try:
-                    if self._buffered:
-                        buf = self._get_buffer()
-                        nbytes = int(self._sslobj.read(len(buf), buf))  # typeshed says bytes: it is the count
-                        if not nbytes:
-                            self._peer_closed()
-                            break
+                if self._buffered:
+                    buf = self._get_buffer()
+                    nbytes = userspace.read_into(buf)
+                    if nbytes:
                         self._buffered_protocol().buffer_updated(nbytes)
-                    else:
-                        data = self._sslobj.read(self.max_size)
-                        if not data:
-                            self._peer_closed()
-                            break
+                        continue
+                else:
+                    data = userspace.read(self.max_size)
+                    if data:
                         self._protocol_data(data)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    self._peer_closed()
-                    break
-                except ssl.SSLEOFError:
-                    self._connection.end_of_stream()
+                        continue
+                if self._connection.receiving is Receiving.CLOSED:
                     self._on_eof()
-                    break
+                break
         finally:
-            self._flush_openssl_output()
+            # What OpenSSL wrote while reading (a KeyUpdate answer, an alert): ours to send on fallback; under
+            # a key the kernel owns otherwise, so never sent.
+            output = userspace.output()
+            if output and not self.kernel_tx and not self._lost:
+                self._enqueue(output)
+                self._flush()
 
-    def _flush_openssl_output(self) -> None:
-        """What OpenSSL wrote while reading (a KeyUpdate answer, an alert): ours to send on fallback; under a key
-        the kernel owns otherwise, so never sent."""
-        assert self._handshake is not None
-        outgoing = self._handshake.outgoing
-        if not outgoing.pending:
-            return
-        data = outgoing.read()
-        if not self.kernel_tx and not self._lost:
-            self._enqueue(data)
-            self._flush()
+    def _openssl(self) -> UserspaceTLS:
+        assert self._userspace is not None, "built from keys: the kernel has both directions"
+        return self._userspace
 
     def _get_buffer(self) -> memoryview:
         buf = memoryview(self._buffered_protocol().get_buffer(-1)).cast("B")
@@ -503,11 +491,6 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         except Exception as exc:
             self._fatal_error(exc)
 
-    def _peer_closed(self) -> None:
-        """OpenSSL read the peer's close_notify."""
-        self._connection.closed_by_peer()
-        self._on_eof()
-
     def _on_eof(self) -> None:
         """The peer's side ended (close_notify or a bare TCP EOF: ``ragged_eof`` tells)."""
         if self._read_done:
@@ -542,12 +525,12 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
                 if not data:
                     self._connection.end_of_stream()
                     self._on_eof()
-                elif self._connection.receiving is Receiving.USERSPACE and self._sslobj is not None:
-                    assert self._handshake is not None
-                    self._handshake.incoming.write(data)
-                    while self._sslobj.read(self.max_size):
-                        pass
-                    self._peer_closed()  # read() returned b"": the peer's close_notify
+                elif self._connection.receiving is Receiving.USERSPACE and self._userspace is not None:
+                    self._userspace.received(data)
+                    while chunk := self._userspace.read(self.max_size):
+                        pass  # dropped: the application closed
+                    if chunk is not None:  # b"": the read side ended
+                        self._on_eof()
         except (BlockingIOError, InterruptedError):
             return False
         except ssl.SSLWantReadError:
@@ -577,6 +560,8 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
                     urgent.append(self._install_tx_step(action.info))
             elif isinstance(action, Deliver):
                 self._plaintext += action.plaintext
+            elif isinstance(action, ResumeReceive):
+                driver.resume_receive(self._sock, self._connection)
             elif isinstance(action, HandOffReceive):
                 driver.hand_off_receive(self._sock, self._connection, action)
                 if self._plaintext:
@@ -640,14 +625,12 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         if connection.sending is Sending.KERNEL:
             self._send_or_queue(data)
             return
-        assert self._sslobj is not None
-        assert self._handshake is not None
         try:
-            self._sslobj.write(data)
+            ciphertext = self._openssl().encrypt(data)[1]
         except ssl.SSLError as exc:
             self._fatal_error(exc)
             return
-        self._send_or_queue(self._handshake.outgoing.read())
+        self._send_or_queue(ciphertext)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         self.write(b"".join(list_of_data))
@@ -744,48 +727,16 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
             if not waiter.done():
                 waiter.set_result(None)
 
-    # -- write flow control (asyncio's _FlowControlMixin, which typeshed does not describe) --------------------------
+    # -- write flow control: asyncio's _FlowControlMixin, over our queue's size -----------------------------------
 
     def get_write_buffer_size(self) -> int:
         return self._buffer_size
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low_water, self._high_water)
+    if TYPE_CHECKING:  # what the mixin does, which typeshed does not describe
 
-    def _set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water = high
-        self._low_water = low
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._set_write_buffer_limits(high=high, low=low)
-        self._maybe_pause_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if self._buffer_size <= self._high_water or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except Exception as exc:
-            self._protocol_callback_failed("pause_writing", exc)
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and self._buffer_size <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except Exception as exc:
-                self._protocol_callback_failed("resume_writing", exc)
-
-    def _protocol_callback_failed(self, name: str, exc: Exception) -> None:
-        context = {"message": f"protocol.{name}() failed", "exception": exc, "transport": self}
-        self._loop.call_exception_handler(context)
+        def _set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+        def _maybe_pause_protocol(self) -> None: ...
+        def _maybe_resume_protocol(self) -> None: ...
 
     def can_write_eof(self) -> bool:
         return True
@@ -804,15 +755,9 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         if self._connection.kernel_tx:
             self._run(self._connection.close_write())  # close_notify and SHUT_WR, behind what is queued
             return
-        assert self._sslobj is not None
-        assert self._handshake is not None
         if self._connection.close_write():
-            try:
-                self._sslobj.unwrap()
-            except ssl.SSLError:
-                pass  # SSLWantReadError: close_notify written, the peer's not read yet
-            if self._handshake.outgoing.pending:
-                self._enqueue(self._handshake.outgoing.read())
+            if close_notify := self._openssl().close_notify():
+                self._enqueue(close_notify)
             self._enqueue(_Step(self._shut_wr, "shutdown(SHUT_WR)"))
 
     # -- sendfile ---------------------------------------------------------------------------------------------------
@@ -967,15 +912,9 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         self._buffer_size = 0
         self._sendfile_active = False
         if self._fatal_alert is not None and self.kernel_tx:
-            # A record the kernel could not decrypt (EBADMSG) leaves the socket's error set, and every send
-            # fails with it until it is read: read it, so that the alert can go out.
-            try:
-                self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            except OSError:
-                pass
             self._enqueue(_ControlRecord(ContentType.ALERT, self._fatal_alert))
-        elif not self.kernel_tx and self._handshake is not None and self._handshake.outgoing.pending:
-            self._enqueue(self._handshake.outgoing.read())  # OpenSSL's alert on fallback
+        elif not self.kernel_tx and self._userspace is not None and (alert := self._userspace.output()):
+            self._enqueue(alert)  # OpenSSL's alert on fallback
         if not self._buffer or isinstance(exc, (ConnectionError, TimeoutError)):
             self._close_now()
             return

@@ -82,6 +82,10 @@ RECORD_TYPE_CMSG_SPACE = _CMSG_SPACE
 #: The control message of an application-data read, as ``recvmsg`` returns it: a hot loop compares the
 #: first ancillary item with this (one tuple comparison) and calls :func:`record_type` for anything else.
 APPLICATION_DATA_CMSG = (SOL_TLS, TLS_GET_RECORD_TYPE, bytes([ContentType.APPLICATION_DATA]))
+#: ``msg_flags`` bits as plain ints: ``socket.MSG_*`` are ``IntFlag`` members, and ``flags & socket.MSG_CTRUNC``
+#: goes through ``enum``'s machinery (measured: ~0.6 µs against ~0.01 µs, on every read).
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
+MSG_EOR = int(socket.MSG_EOR)
 #: ``struct tls_crypto_info``: version and cipher type, two ``__u16``.
 _INFO_HEADER_SIZE = 4
 
@@ -176,7 +180,9 @@ def set_crypto_info(sock: socket.socket, direction: Direction, info: CryptoInfo)
 
 def get_crypto_info(sock: socket.socket, direction: Direction) -> CryptoInfo | None:
     """Read back the kernel's crypto info for one direction, with its current sequence number and (TLS 1.2
-    GCM/CCM) next explicit nonce; ``None`` when that direction is not configured.
+    GCM/CCM) next explicit nonce; ``None`` when that direction is not configured, or when the kernel cannot
+    read this cipher back (before Linux 5.16 only AES-GCM could be: AES-CCM-128 and ChaCha20-Poly1305 give
+    ``EINVAL``, "net/tls: getsockopt supports complete algorithm list").
 
     The kernel wants the exact size of the cipher's struct (``EINVAL`` otherwise), so the 4-byte
     ``struct tls_crypto_info`` header is read first to learn the cipher.
@@ -195,7 +201,12 @@ def get_crypto_info(sock: socket.socket, direction: Direction) -> CryptoInfo | N
         cipher_id = int.from_bytes(header[2:4], sys.byteorder)
         if len(header) < _INFO_HEADER_SIZE or cipher_id == 0:
             return None
-        raw = sock.getsockopt(SOL_TLS, int(direction), CIPHERS[CipherType(cipher_id)].struct_size)
+        try:
+            raw = sock.getsockopt(SOL_TLS, int(direction), CIPHERS[CipherType(cipher_id)].struct_size)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # the header was readable, so the size is right: an older kernel
+                return None
+            raise
     return CryptoInfo.unpack(raw)
 
 
@@ -223,7 +234,7 @@ _CONTENT_TYPES: dict[int, ContentType | int] = {**{i: i for i in range(256)}, **
 
 def record_type(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> ContentType | int | None:
     """The record type of a ``recvmsg`` on a kTLS socket (``None``: no type — end of stream)."""
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & MSG_CTRUNC:
         raise KernelTLSFailure(None, "the record type control message was truncated")
     for level, kind, data in ancdata:
         if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and len(data) == 1:
@@ -245,7 +256,7 @@ def recv_record(sock: socket.socket, bufsize: int, flags: int = 0) -> Record:
         data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, _CMSG_SPACE, flags)
     except OSError as exc:
         _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
-    return Record(record_type(ancdata, msg_flags), data, bool(msg_flags & socket.MSG_EOR))
+    return Record(record_type(ancdata, msg_flags), data, bool(msg_flags & MSG_EOR))
 
 
 def recv_record_into(
@@ -256,7 +267,7 @@ def recv_record_into(
         nbytes, ancdata, msg_flags, _ = sock.recvmsg_into([buffer], _CMSG_SPACE, flags)
     except OSError as exc:
         _raise_translated(exc, "recvmsg", _RECORD_IO_ERRORS, KernelTLSFailure)
-    return record_type(ancdata, msg_flags), nbytes, bool(msg_flags & socket.MSG_EOR)
+    return record_type(ancdata, msg_flags), nbytes, bool(msg_flags & MSG_EOR)
 
 
 def send_record(sock: socket.socket, content_type: ContentType | int, data: bytes, flags: int = 0) -> int:
@@ -264,6 +275,12 @@ def send_record(sock: socket.socket, content_type: ContentType | int, data: byte
 
     Application data can go through plain ``send``; this is for alerts and handshake messages (KeyUpdate).
     Returns the number of bytes accepted, like ``send``.
+
+    A receive error (``EBADMSG``, ``EMSGSIZE``…) stays pending on the socket (``sk_err``), and the kernel's
+    ``sendmsg`` reports it instead of sending (``net/tls/tls_sw.c``: the send loop of ``tls_sw_sendmsg``
+    starts with ``if (sk->sk_err) … goto send_end``): the alert telling the peer about that very error would
+    never leave. So when ``sendmsg`` fails with the error ``SO_ERROR`` holds, reading it has consumed it, and
+    the record is sent once more.
     """
     cmsg = [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes([int(content_type)]))]
     with _translate_errors(
@@ -271,6 +288,13 @@ def send_record(sock: socket.socket, content_type: ContentType | int, data: byte
         {errno.EINVAL: (KernelTLSConfigError, "the kernel refused the record (is TLS_TX configured?)")},
         KernelTLSFailure,
     ):
+        try:
+            return sock.sendmsg([data], cmsg, flags)
+        except (BlockingIOError, InterruptedError, ConnectionError):
+            raise
+        except OSError as exc:
+            if exc.errno is None or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != exc.errno:
+                raise
         return sock.sendmsg([data], cmsg, flags)
 
 

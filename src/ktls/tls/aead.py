@@ -4,11 +4,12 @@ Why this exists
 ---------------
 Before the kernel is keyed, ktls proves that the secrets it read from the key log are this connection's
 own: it opens a record this very connection sent or received (:mod:`ktls.tls.proof`). ktls has no runtime
-dependency and the standard library has no AEAD (``hashlib``/``hmac`` only), so the four AEADs that kernel
-TLS and OpenSSL share are written out here, from their specifications:
+dependency and the standard library has no AEAD (``hashlib``/``hmac`` only), so the AEADs that kernel TLS
+and OpenSSL share are written out here, from their specifications:
 
 * AES (FIPS 197), encryption only — GCM and CCM never run the inverse cipher;
-* AES-GCM (NIST SP 800-38D; RFC 5288 / RFC 8446 use a 12-byte nonce and a 16-byte tag);
+* AES-GCM (NIST SP 800-38D; RFC 5288 / RFC 8446 use a 12-byte nonce and a 16-byte tag), and the same GCM
+  over ARIA (:mod:`ktls.tls.aria`, RFC 5794) for the TLS 1.2 ARIA-GCM suites (RFC 6209);
 * AES-CCM (NIST SP 800-38C, RFC 3610 notation; TLS: 12-byte nonce, so L = 3, and a 16-byte tag — RFC 6655);
 * ChaCha20-Poly1305 (RFC 8439 §2.8).
 
@@ -18,8 +19,9 @@ with :func:`hmac.compare_digest`. This is **not** constant-time code (table look
 used once per connection, on a handful of records, and nowhere else — see ``SECURITY.md``. The kernel does
 all record protection after the hand-off.
 
-SM4 and ARIA are not here: OpenSSL offers no TLS 1.3 SM4 suite and its ARIA suites are TLS 1.2 only, and the
-kernels we meet lack both. A suite without an entry here cannot be proven, so it stays in userspace TLS.
+SM4 is not here: mainline OpenSSL negotiates no SM4 suite (RFC 8998's are TLS 1.3 and need a fork such as
+Tongsuo), so no connection ktls takes over can use it. A suite without an entry here cannot be proven, so it
+stays in userspace TLS.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from __future__ import annotations
 import hmac
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
-from .suites import AES128_CCM, AES128_GCM, AES256_GCM, CHACHA20_POLY1305, Aead
+from .aria import ARIA
+from .suites import AES128_CCM, AES128_GCM, AES256_GCM, ARIA128_GCM, ARIA256_GCM, CHACHA20_POLY1305, Aead
 
 __all__ = ["AuthenticationFailed", "Opened", "authenticate", "can_open", "open_aead"]
 
@@ -194,7 +198,11 @@ def _ctr(cipher: _AES, counter_block: bytes, data: bytes, counter_bytes: int) ->
     return _xor(data, bytes(stream))
 
 
-def _gcm_ctr_range(cipher: _AES, first_counter: bytes, data: bytes, start: int, end: int) -> bytes:
+class _BlockCipher(Protocol):
+    def encrypt_block(self, block: bytes) -> bytes: ...
+
+
+def _gcm_ctr_range(cipher: _BlockCipher, first_counter: bytes, data: bytes, start: int, end: int) -> bytes:
     """``data[start:end]`` through GCM's CTR mode (a 32-bit counter from ``first_counter``), computing only the
     key stream blocks that range needs."""
     first, last = start // 16, (end - 1) // 16
@@ -207,7 +215,7 @@ def _gcm_ctr_range(cipher: _AES, first_counter: bytes, data: bytes, start: int, 
     return _xor(data[start:end], stream[skip : skip + end - start])
 
 
-# --- AES-GCM (NIST SP 800-38D) ----------------------------------------------------------------------------
+# --- GCM (NIST SP 800-38D), over AES or ARIA --------------------------------------------------------------------------
 
 _GCM_R = 0xE1 << 120  # the reduction polynomial x^128 + x^7 + x^2 + x + 1, in GCM's reflected bit order
 
@@ -264,15 +272,24 @@ class _GHash:
         return self._multiply(y ^ int.from_bytes(lengths, "big"))
 
 
-def _open_gcm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> Opened:
-    cipher = _AES(key)
+def _open_gcm_with(
+    cipher: _BlockCipher, name: str, nonce: bytes, ciphertext: bytes, tag: bytes, *, associated_data: bytes
+) -> Opened:
     h = int.from_bytes(cipher.encrypt_block(bytes(16)), "big")
     j0 = nonce + b"\0\0\0\1"  # a 96-bit IV (§7.1)
     expected = _xor(_GHash(h).digest(associated_data, ciphertext).to_bytes(16, "big"), cipher.encrypt_block(j0))
     if not hmac.compare_digest(expected, tag):
-        raise AuthenticationFailed("AES-GCM tag mismatch")
+        raise AuthenticationFailed(f"{name} tag mismatch")
     first_counter = nonce + b"\0\0\0\2"
     return Opened(len(ciphertext), lambda start, end: _gcm_ctr_range(cipher, first_counter, ciphertext, start, end))
+
+
+def _open_gcm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> Opened:
+    return _open_gcm_with(_AES(key), "AES-GCM", nonce, ciphertext, tag, associated_data=associated_data)
+
+
+def _open_aria_gcm(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, associated_data: bytes) -> Opened:
+    return _open_gcm_with(ARIA(key), "ARIA-GCM", nonce, ciphertext, tag, associated_data=associated_data)
 
 
 # --- AES-CCM (NIST SP 800-38C / RFC 3610), 12-byte nonce, 16-byte tag ----------------------------------------
@@ -372,4 +389,6 @@ _OPENERS = {
     AES256_GCM.name: _open_gcm,
     AES128_CCM.name: _open_ccm,
     CHACHA20_POLY1305.name: _open_chacha20_poly1305,
+    ARIA128_GCM.name: _open_aria_gcm,
+    ARIA256_GCM.name: _open_aria_gcm,
 }

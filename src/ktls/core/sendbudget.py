@@ -8,7 +8,7 @@ when the kernel's own count says so. Shared by the blocking Stream's logic and t
 
 from __future__ import annotations
 
-from .constants import MAX_PLAINTEXT
+from ..constants import MAX_PLAINTEXT
 
 __all__ = ["SendBudget"]
 

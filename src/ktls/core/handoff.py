@@ -24,20 +24,20 @@ import logging
 import socket
 import ssl
 
-from .constants import ContentType, HandshakeType, TLSVersion
+from ..constants import ContentType, HandshakeType, TLSVersion
+from ..errors import KernelTLSConfigError, KernelTLSUnavailable
+from ..kernel import syscalls
+from ..kernel.probe import KernelSupport, probe
+from ..kernel.uapi import CipherType, CryptoInfo, Direction
+from ..tls.aead import AuthenticationFailed
+from ..tls.keylog import ConnectionSecrets
+from ..tls.proof import OpenedRecord, SecretsNotProven, open_record, prove_secrets
+from ..tls.records import HANDSHAKE_HEADER_SIZE
+from ..tls.suites import suite_by_openssl_name
 from .control import ControlRecords, Role
-from .errors import KernelTLSConfigError, KernelTLSUnavailable
 from .handshake import Handshake, HandshakeResult
-from .kernel import syscalls
-from .kernel.probe import KernelSupport, probe
-from .kernel.uapi import CipherType, CryptoInfo, Direction
 from .keylog_capture import KeylogCapture, SecretClaim
 from .keys import ConnectionKeys
-from .tls.aead import AuthenticationFailed
-from .tls.keylog import ConnectionSecrets
-from .tls.proof import OpenedRecord, SecretsNotProven, open_record, prove_secrets
-from .tls.records import HANDSHAKE_HEADER_SIZE
-from .tls.suites import suite_by_openssl_name
 
 __all__ = [
     "RECORD_LIMITS",

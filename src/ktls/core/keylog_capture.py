@@ -42,8 +42,8 @@ import weakref
 from collections.abc import Iterator
 from typing import ClassVar
 
-from .errors import KernelTLSUnavailable
-from .tls.keylog import ConnectionSecrets, KeylogParser
+from ..errors import KernelTLSUnavailable
+from ..tls.keylog import ConnectionSecrets, KeylogParser
 
 __all__ = ["KeylogCapture", "SecretClaim"]
 

@@ -11,8 +11,12 @@ The rules, each where it is enforced below:
 * Alerts (RFC 8446 §6, RFC 5246 §7.2): close_notify ends the read side; in TLS 1.2 it must also be answered
   with our own close_notify and the connection closed. Fatal alerts end the connection with
   :class:`~ktls.errors.AlertReceived`. TLS 1.2 warnings are ignored; in TLS 1.3 every alert but
-  close_notify and user_canceled is fatal whatever its level. An alert record that is not exactly two bytes
-  is a ``decode_error``.
+  close_notify and user_canceled is fatal whatever its level. An empty alert record is an
+  ``unexpected_message`` (RFC 8446 §5.1, as OpenSSL answers it); one that is not exactly two bytes (one byte,
+  two alerts coalesced) is a ``decode_error``.
+* Handshake records: never empty, also mid-message (``unexpected_message``, RFC 8446 §5.1); a message may
+  span records, but in TLS 1.3 no other record type may come between its fragments (``unexpected_message``,
+  RFC 8446 §5.1; TLS 1.2 allows interleaving, RFC 5246 §6.2.1).
 * TLS 1.3 post-handshake messages (RFC 8446 §4.6): NewSessionTicket is only valid toward a client.
   KeyUpdate must be alone in its record (§5.1: handshake messages must not span key changes; the kernel
   also only recognises a KeyUpdate that starts a record), carry one byte of 0 or 1, and makes us install
@@ -37,8 +41,8 @@ import logging
 from collections.abc import Callable
 from typing import Union
 
-from .constants import AlertDescription, AlertLevel, ContentType, HandshakeType, TLSVersion
-from .errors import (
+from ..constants import AlertDescription, AlertLevel, ContentType, HandshakeType, TLSVersion
+from ..errors import (
     AlertReceived,
     KTLSError,
     PeerMisbehaved,
@@ -46,7 +50,7 @@ from .errors import (
     RekeyUnsupported,
     StreamClosed,
 )
-from .kernel.uapi import CryptoInfo, Direction
+from ..kernel.uapi import CryptoInfo, Direction
 
 __all__ = [
     "Action",
@@ -54,6 +58,7 @@ __all__ = [
     "Fail",
     "InstallKey",
     "ReadClosed",
+    "ResumeReceive",
     "Role",
     "SendAlert",
     "SendHandshake",
@@ -104,6 +109,20 @@ class InstallKey:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResumeReceive:
+    """Give the kernel the *current* receive key again, at its own next sequence number.
+
+    Linux ≥ 6.14 stops receiving after any handshake record whose first byte is 24 (KeyUpdate) until a new
+    receive key is set (``net/tls/tls_sw.c``: ``tls_check_pending_rekey`` sets ``key_update_pending``, and
+    ``tls_rx_rec_wait`` then returns ``EKEYEXPIRED``). When that record is only the start of a KeyUpdate split
+    across records (RFC 8446 §5.1 allows it), or a fragment of another message that happens to start with that
+    byte, the rest is still under the current key: setting it again (a TLS 1.3 rekey to the same key) lets the
+    kernel read on. The I/O layer asks the kernel its receive sequence number (``getsockopt(TLS_RX)``) and
+    installs :meth:`ktls.core.connection.Connection.current_receive_key` at it.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
 class ReadClosed:
     """The peer's close_notify arrived: the read side is at end of stream."""
 
@@ -127,7 +146,9 @@ class Fail:
     error: KTLSError
 
 
-Action = Union[SendAlert, SendHandshake, InstallKey, ReadClosed, WriteClosed, SessionTicket, Fail]  # noqa: UP007
+Action = Union[  # noqa: UP007
+    SendAlert, SendHandshake, InstallKey, ResumeReceive, ReadClosed, WriteClosed, SessionTicket, Fail
+]
 
 #: Turns a direction into its next-generation key (TLS 1.3 ``traffic upd``, RFC 8446 §7.2); ``None`` when
 #: this connection has no key schedule to update (TLS 1.2, or a kernel that cannot rekey).
@@ -167,6 +188,8 @@ class ControlRecords:
         """Decide what a received non-application record means."""
         if self.error is not None:
             return [Fail(self.error)]
+        if self._pending and content_type != ContentType.HANDSHAKE and self.version is TLSVersion.TLS1_3:
+            return self._interleaved(content_type)
         if content_type == ContentType.ALERT:
             return self._alert(payload)
         if content_type == ContentType.HANDSHAKE:
@@ -181,7 +204,18 @@ class ControlRecords:
         # connection with an unexpected_message alert."
         return self._abort(AlertDescription.unexpected_message, f"record of unknown content type {content_type}")
 
+    def _interleaved(self, content_type: int) -> list[Action]:
+        # RFC 8446 §5.1: "Handshake messages MUST NOT be interleaved with other record types" — a TLS 1.3
+        # message split across records must be whole before any other record (OpenSSL: "mixed handshake and
+        # non handshake data"). TLS 1.2 allows it (RFC 5246 §6.2.1: types "MAY be interleaved").
+        what = f"a handshake message interrupted by a {_type_name(content_type)} record"
+        return self._abort(AlertDescription.unexpected_message, what)
+
     def _alert(self, payload: bytes) -> list[Action]:
+        if not payload:
+            # RFC 8446 §5.1: "Implementations MUST NOT send zero-length fragments of Handshake or Alert types";
+            # OpenSSL's record layer answers one with unexpected_message, and so do we.
+            return self._abort(AlertDescription.unexpected_message, "empty alert record")
         if len(payload) != 2:
             # RFC 8446 §6 / RFC 5246 §7.2: an alert is exactly level + description.
             return self._abort(AlertDescription.decode_error, f"alert record of {len(payload)} bytes")
@@ -236,6 +270,10 @@ class ControlRecords:
         return [Fail(self.error)]
 
     def _handshake(self, payload: bytes) -> list[Action]:
+        if not payload:
+            # RFC 8446 §5.1: "Implementations MUST NOT send zero-length fragments of Handshake types", also
+            # in the middle of a message.
+            return self._abort(AlertDescription.unexpected_message, "empty handshake record")
         data = self._pending + payload
         self._pending = b""
         messages: list[bytes] = []
@@ -249,9 +287,6 @@ class ControlRecords:
             messages.append(data[offset : offset + 4 + length])
             offset += 4 + length
         rest = data[offset:]
-        if not messages and not rest:
-            # RFC 8446 §5.1: "Implementations MUST NOT send zero-length fragments of Handshake types."
-            return self._abort(AlertDescription.unexpected_message, "empty handshake record")
         actions: list[Action] = []
         for index, message in enumerate(messages):
             last_in_record = index == len(messages) - 1 and not rest
@@ -259,6 +294,10 @@ class ControlRecords:
             if any(isinstance(a, Fail) for a in actions):
                 return actions
         self._pending = rest
+        if rest:
+            self.control_since_data += 1  # so that application data checks it is not interleaved (below)
+        if payload[0] == HandshakeType.KEY_UPDATE and self._next_key is not None and not _installs_rx(actions):
+            actions.append(ResumeReceive())  # the kernel paused for a key change that is not (yet) due
         return actions
 
     def _handshake_message(self, message: bytes, last_in_record: bool) -> list[Action]:
@@ -315,9 +354,15 @@ class ControlRecords:
             actions += self.key_update(request_peer_update=False)
         return actions
 
-    def application_data_received(self) -> None:
-        """Application data arrived: KeyUpdates and warning alerts before it were not a flood."""
+    def application_data_received(self) -> list[Action]:
+        """Application data arrived: KeyUpdates and warning alerts before it were not a flood — unless it
+        interrupts a TLS 1.3 handshake message split across records (RFC 8446 §5.1), which is fatal."""
+        if self.error is not None:
+            return [Fail(self.error)]
+        if self._pending and self.version is TLSVersion.TLS1_3:
+            return self._interleaved(ContentType.APPLICATION_DATA)
         self.key_updates_since_data = self.warning_alerts_since_data = self.control_since_data = 0
+        return []
 
     # -- sending -------------------------------------------------------------------------------------------------
 
@@ -384,6 +429,17 @@ def _alert_name(description: int) -> str:
         return AlertDescription(description).name
     except ValueError:
         return f"alert {description}"
+
+
+def _installs_rx(actions: list[Action]) -> bool:
+    return any(isinstance(a, InstallKey) and a.direction is Direction.RX for a in actions)
+
+
+def _type_name(content_type: int) -> str:
+    try:
+        return ContentType(content_type).name
+    except ValueError:
+        return f"type {content_type}"
 
 
 def _handshake_name(kind: int) -> str:

@@ -7,13 +7,13 @@ sequence number at 0. TLS 1.2 has fixed keys from the key block (RFC 5246 §6.3)
 
 from __future__ import annotations
 
-from .constants import TLSVersion
-from .errors import KernelTLSUnavailable
+from ..constants import TLSVersion
+from ..errors import KernelTLSUnavailable
+from ..kernel.uapi import CryptoInfo, Direction
+from ..tls.keylog import ConnectionSecrets
+from ..tls.keyschedule import TrafficKeys, crypto_info, key_block, next_traffic_secret, traffic_key_and_iv
+from ..tls.suites import CipherSuite, suite_by_openssl_name
 from .handshake import HandshakeResult
-from .kernel.uapi import CryptoInfo, Direction
-from .tls.keylog import ConnectionSecrets
-from .tls.keyschedule import TrafficKeys, crypto_info, key_block, next_traffic_secret, traffic_key_and_iv
-from .tls.suites import CipherSuite, suite_by_openssl_name
 
 __all__ = ["ConnectionKeys"]
 

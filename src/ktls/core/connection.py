@@ -33,16 +33,16 @@ import enum
 import logging
 import ssl
 
-from .constants import MAX_PLAINTEXT, TLSVersion
+from ..constants import MAX_PLAINTEXT, TLSVersion
+from ..errors import KernelTLSUnavailable, RaggedEOF, RecordError
+from ..kernel.uapi import CryptoInfo, Direction
+from ..tls.suites import CipherSuite
 from .control import Action as ControlAction
 from .control import ControlRecords, Fail, InstallKey, ReadClosed, Role
-from .errors import KernelTLSUnavailable, RaggedEOF, RecordError
 from .handoff import DeferredReceive, Installed
 from .handshake import Handshake
-from .kernel.uapi import CryptoInfo, Direction
 from .keys import ConnectionKeys
 from .sendbudget import SendBudget
-from .tls.suites import CipherSuite
 
 __all__ = ["Action", "Connection", "ConnectionState", "Deliver", "HandOffReceive", "Receiving", "Sending"]
 
@@ -132,8 +132,9 @@ class Connection:
         return Sending.KERNEL if self._kernel_tx else Sending.USERSPACE
 
     @property
-    def version(self) -> TLSVersion:
-        return self.control.version
+    def version(self) -> ssl.TLSVersion:
+        """The negotiated protocol version, by the stdlib's name (``ssl.TLSVersion.TLSv1_3``…)."""
+        return ssl.TLSVersion(int(self.control.version))
 
     @property
     def role(self) -> Role:
@@ -197,15 +198,22 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
-    def application_data(self) -> None:
-        """Application data arrived: the KeyUpdates and warnings before it were not a flood (the hot path:
-        one attribute test)."""
+    def application_data(self) -> list[Action]:
+        """Application data arrived: the KeyUpdates and warnings before it were not a flood; a handshake
+        message it interrupts is fatal (the hot path: one attribute test, then nothing to do)."""
         if self.control.control_since_data:
-            self.control.application_data_received()
+            return self._note(self.control.application_data_received())
+        return []
 
     def control_record(self, content_type: int, payload: bytes) -> list[Action]:
         """A record of another type than application data arrived, decrypted (:mod:`ktls.control` decides)."""
         return self._note(self.control.receive_record(content_type, payload))
+
+    def current_receive_key(self, rec_seq: int) -> CryptoInfo:
+        """The receive key the kernel has, at ``rec_seq`` (for :class:`~ktls.core.control.ResumeReceive`)."""
+        if self._keys is None:
+            raise KernelTLSUnavailable(None, "no keys to resume receiving with")
+        return self._keys.crypto_info(Direction.RX, rec_seq)
 
     def receive_failed(self, error: RecordError) -> list[Action]:
         """The kernel refused a received record: the alert it deserves, and the end."""
@@ -280,7 +288,7 @@ class Connection:
     @property
     def expect_no_pad(self) -> bool:
         """The application asked for ``TLS_RX_EXPECT_NO_PAD`` (the I/O layer sets it after a hand-off)."""
-        return self._expect_no_pad and self.version is TLSVersion.TLS1_3
+        return self._expect_no_pad and self.control.version is TLSVersion.TLS1_3
 
     def receive_handed_off(self, refused: str | None, *, no_pad: bool = False) -> None:
         """What the kernel said to :class:`HandOffReceive`: ``refused`` is why it did not take the key."""
@@ -342,7 +350,7 @@ class Connection:
 
     def describe(self) -> str:
         """For ``repr``: where each direction is, and why not the kernel (never a key)."""
-        where = f"{self.version.label} rx={self._receiving.value} tx={self.sending.value}"
+        where = f"{self.control.version.label} rx={self._receiving.value} tx={self.sending.value}"
         if self._fallback_reason:
             where += f", fallback: {self._fallback_reason}"
         return where

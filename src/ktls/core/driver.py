@@ -21,11 +21,13 @@ import ssl
 from collections.abc import Generator
 from typing import TypeVar
 
+from ..constants import TLSVersion
+from ..errors import KernelTLSFailure, KernelTLSUnavailable
+from ..kernel import syscalls
+from ..kernel.uapi import Direction
 from . import handoff
 from .connection import Connection, HandOffReceive, Receiving
-from .constants import TLSVersion
 from .control import Role
-from .errors import KernelTLSUnavailable
 from .handshake import Handshake, HandshakeResult
 from .keys import ConnectionKeys
 
@@ -237,6 +239,15 @@ def take_over_with_keys(
     return Connection(
         suite.version, role, keys=keys, installed=installed, tx_seq=tx_seq, suppress_ragged_eofs=suppress_ragged_eofs
     )
+
+
+def resume_receive(sock: socket.socket, connection: Connection) -> None:
+    """Carry out :class:`~ktls.core.control.ResumeReceive` for either front end: the current receive key
+    again, at the kernel's own next receive sequence number."""
+    current = syscalls.get_crypto_info(sock, Direction.RX)
+    if current is None:
+        raise KernelTLSFailure(None, "the kernel does not say its receive sequence number")
+    syscalls.set_crypto_info(sock, Direction.RX, connection.current_receive_key(current.rec_seq))
 
 
 def hand_off_receive(sock: socket.socket, connection: Connection, action: HandOffReceive) -> None:

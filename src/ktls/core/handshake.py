@@ -40,11 +40,11 @@ import dataclasses
 import ssl
 from collections.abc import Callable
 
-from .constants import RECORD_HEADER_SIZE, ContentType, HandshakeType, TLSVersion
-from .errors import KernelTLSUnavailable
-from .tls.proof import HandshakeEvidence
-from .tls.records import HANDSHAKE_HEADER_SIZE, RecordReader, whole_records_length
-from .tls.suites import suite_by_openssl_name
+from ..constants import RECORD_HEADER_SIZE, ContentType, HandshakeType, TLSVersion
+from ..errors import KernelTLSUnavailable
+from ..tls.proof import HandshakeEvidence
+from ..tls.records import HANDSHAKE_HEADER_SIZE, RecordReader, whole_records_length
+from ..tls.suites import suite_by_openssl_name
 
 __all__ = ["HELLO_RETRY_REQUEST_RANDOM", "MAX_EVIDENCE_RECORDS", "Handshake", "HandshakeResult"]
 
