@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, int]] = [
     ("ktls.core", 3),
     ("ktls.stream", 4),
     ("ktls.asyncio", 4),
+    ("ktls.splice", 4),  # the splice loops both front ends delegate to (I/O, so not in the core)
     ("ktls", 5),  # the package itself, the CLI, serve, bench
 ]
 

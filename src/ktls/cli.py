@@ -1,4 +1,5 @@
-"""The ``ktls`` command line: ``check`` (what this kernel's TLS supports), ``serve`` (HTTPS files), ``stat``."""
+"""The ``ktls`` command line: ``check`` (what this kernel's TLS supports), ``serve`` (HTTPS files), ``proxy``
+(TLS termination by splice), ``stat``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import __version__
 from .constants import TLSVersion
@@ -165,6 +166,78 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     return serve(config, out)
 
 
+def _address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) for argparse."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (0.0.0.0:PORT for every address)")
+    return host.strip("[]"), int(port)
+
+
+def _proxy(args: argparse.Namespace, out: TextIO) -> int:
+    from .proxy import ProxyConfig, run_proxy  # noqa: PLC0415 - only this command needs the proxy
+
+    if (args.cert is None) != (args.key is None):
+        print("ktls proxy: --cert and --key go together", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    config = ProxyConfig(
+        listen=args.listen,
+        backend=args.backend,
+        cert=args.cert,
+        key=args.key,
+        workers=args.workers,
+        max_connections=args.max_connections,
+        handshake_timeout=args.handshake_timeout,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
+        stop_grace=args.stop_grace,
+        proxy_protocol=args.proxy_protocol,
+        backend_tls=args.backend_tls,
+        backend_ca=args.backend_ca,
+        backend_name=args.backend_name,
+    )
+    return run_proxy(config, out)
+
+
+def _add_proxy(commands: Any) -> None:
+    from .proxy import ProxyConfig  # noqa: PLC0415 - a dataclass: its defaults are the help's
+
+    defaults = ProxyConfig(("", 0), ("", 0))
+    proxy = commands.add_parser("proxy", help="TLS termination: kernel TLS in, plain TCP out, payload by splice")
+    proxy.add_argument("--listen", type=_address, required=True, metavar="ADDR:PORT", help="where clients connect")
+    proxy.add_argument("--backend", type=_address, required=True, metavar="HOST:PORT", help="where to relay to")
+    proxy.add_argument("--cert", metavar="FILE", help="PEM certificate chain (default: self-signed)")
+    proxy.add_argument("--key", metavar="FILE", help="PEM private key for --cert")
+    proxy.add_argument("--workers", type=int, default=1, metavar="N", help="processes sharing the port (SO_REUSEPORT)")
+    proxy.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"connections per worker, handshakes included; more wait (default {defaults.max_connections})",
+    )
+    for option, field, what in (
+        ("--handshake-timeout", "handshake_timeout", "for a whole TLS handshake"),
+        ("--connect-timeout", "connect_timeout", "to reach the backend"),
+        ("--idle-timeout", "idle_timeout", "with no byte moved either way before a connection is cut"),
+        ("--stop-grace", "stop_grace", "a graceful stop lets connections finish"),
+    ):
+        default = getattr(defaults, field)
+        proxy.add_argument(
+            option, type=float, default=default, metavar="S", help=f"seconds {what} (default {default:g})"
+        )
+    proxy.add_argument(
+        "--proxy-protocol", choices=["v1", "v2"], help="send HAProxy's PROXY protocol header to the backend first"
+    )
+    proxy.add_argument(
+        "--backend-tls", action="store_true", help="the reverse: plain TCP in, kernel TLS to the backend"
+    )
+    proxy.add_argument("--backend-ca", metavar="FILE", help="with --backend-tls: CA file to trust (default: system)")
+    proxy.add_argument("--backend-name", metavar="NAME", help="with --backend-tls: name to verify (default: HOST)")
+    proxy.set_defaults(run=_proxy)
+
+
 def _bench(args: argparse.Namespace, out: TextIO) -> int:
     from . import bench  # noqa: PLC0415 - only this command needs the workloads
 
@@ -205,6 +278,7 @@ def _parser() -> argparse.ArgumentParser:
         )
     serve.add_argument("--show-hidden", action="store_true", help="serve and list names starting with a dot")
     serve.set_defaults(run=_serve)
+    _add_proxy(commands)
     bench = commands.add_parser("bench", help="plain TCP vs ssl vs ktls, side by side, as ratios")
     bench.add_argument("--size", type=int, default=64, metavar="MIB", help="MiB per transfer (default 64)")
     bench.add_argument("--seconds", type=float, default=3.0, help="duration of timed loops (default 3)")

@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
+from . import splice
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from .core import driver
 from .core.connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
@@ -826,3 +827,40 @@ class Stream(ConnectionState):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._sock.fileno()}"
         return f"<ktls.Stream {state} {self._connection.describe()}>"
+
+    # -- splice (ktls.splice; kept last in the class so that it merges apart from the rest) ---------------------
+
+    def splice_to(self, fd: int, count: int) -> int:
+        """Move up to ``count`` bytes of received application data into the descriptor ``fd`` (a socket, pipe or
+        file) with ``splice``: the kernel decrypts into a pipe and the bytes never enter Python. Control records
+        met on the way go to the connection. Returns the bytes moved, 0 at the end of the stream. On fallback
+        the same, by a copy (:mod:`ktls.splice`)."""
+        self._check_open()
+        return splice.splice_to(self._splice_endpoint(), fd, count)
+
+    def splice_from(self, fd: int, count: int) -> int:
+        """Move up to ``count`` bytes from the descriptor ``fd`` into the stream with ``splice``, for the kernel
+        to encrypt; 0 at ``fd``'s end. On fallback the same, by a copy (:mod:`ktls.splice`)."""
+        self._check_open()
+        return splice.splice_from(self._splice_endpoint(), fd, count)
+
+    def _splice_endpoint(self) -> splice.Endpoint:
+        def failed(exc: OSError, reading: bool) -> NoReturn:
+            self._io_failed(exc, kernel_read=reading, writing=not reading)
+
+        def sent(nbytes: int) -> None:
+            if self._connection.sent(nbytes):
+                self._count_records()
+
+        return splice.Endpoint(
+            self,
+            self._sock,
+            self._connection,
+            self._run,
+            failed,
+            sent,
+            self.pending,
+            self.recv,
+            self.sendall,
+            self._timeout,
+        )

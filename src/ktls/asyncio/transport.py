@@ -55,6 +55,7 @@ from asyncio import selector_events, transports, trsock
 from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Any, Union
 
+from .. import splice
 from ..constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from ..core import driver
 from ..core.connection import Action, Connection, ConnectionState, Deliver, HandOffReceive, Receiving, Sending
@@ -962,6 +963,57 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "closing" if self._closing else f"fd={self._sock_fd}"
         return f"<ktls.asyncio.KTLSTransport {state} {self._connection.describe()}>"
+
+    # -- splice (ktls.splice; kept last in the class so that it merges apart from the rest) ---------------------
+
+    async def splice_to(self, fd: int, count: int) -> int:
+        """Move up to ``count`` bytes of received application data into the non-blocking descriptor ``fd`` with
+        ``splice`` (the kernel decrypts into a pipe; no byte enters Python); 0 at the end of the stream, when the
+        protocol's ``eof_received`` has also been called. Pauses reading: while splicing, the protocol gets no
+        ``data_received``. On fallback the same, by a copy (:mod:`ktls.splice`)."""
+        self.pause_reading()
+        return await splice.splice_to_async(self._splice_endpoint(), fd, count)
+
+    async def splice_from(self, fd: int, count: int) -> int:
+        """Move up to ``count`` bytes from the non-blocking descriptor ``fd`` into the connection with
+        ``splice``, for the kernel to encrypt, in order with what was written before; 0 at ``fd``'s end. On
+        fallback the same, by a copy (:mod:`ktls.splice`)."""
+        return await splice.splice_from_async(self._splice_endpoint(), fd, count)
+
+    def _splice_endpoint(self) -> splice.AsyncEndpoint:
+        async def hold_writes() -> None:
+            await self._make_empty_waiter()
+
+        def take_plaintext(count: int) -> bytes:
+            taken = bytes(self._plaintext[:count])
+            del self._plaintext[:count]
+            return taken
+
+        async def copy_in(count: int) -> bytes:
+            return await splice.collect(self, count)
+
+        async def write(data: bytes) -> None:
+            self.write(data)
+            while self._buffer_size > self._high_water and not self._lost:
+                waiter: asyncio.Future[None] = self._loop.create_future()
+                self._drain_waiters.append(waiter)
+                await waiter
+
+        return splice.AsyncEndpoint(
+            self,
+            self._loop,
+            self._sock,
+            self._connection,
+            self._run,
+            self._on_eof,
+            self._fatal_error,
+            hold_writes,
+            self._reset_empty_waiter,
+            take_plaintext,
+            copy_in,
+            write,
+            self.is_closing,
+        )
 
 
 def _set_result_once(waiter: asyncio.Future[None]) -> None:
