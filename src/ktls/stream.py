@@ -609,6 +609,7 @@ class Stream(ConnectionState):
             pass
         finally:
             self._sock.close()
+            splice.release(self)  # the pipes of splice_to/splice_from, if any
         if undelivered is not None:
             raise undelivered
 

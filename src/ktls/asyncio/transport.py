@@ -950,6 +950,7 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
             self._protocol.connection_lost(exc)
         finally:
             self._sock.close()
+            splice.release(self)  # the pipes of splice_to/splice_from, if any
             server, self._server = self._server, None
             if server is not None:
                 server._detach(self)
