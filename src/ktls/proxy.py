@@ -35,15 +35,12 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import os
-import resource
 import signal
 import socket
 import ssl
 import struct
 import sys
 import time
-from types import FrameType
 from typing import Any, TextIO
 
 from . import asyncio as ktls_asyncio
@@ -51,6 +48,7 @@ from . import splice
 from .errors import StreamClosed
 from .kernel.probe import probe
 from .serve.certificate import SessionCertificate, load_default_certificate
+from .serve.workers import connection_limit, reuseport_listener, run_workers
 
 __all__ = ["ProxyConfig", "proxy_header", "run_proxy"]
 
@@ -61,7 +59,6 @@ access_log = logging.getLogger("ktls.proxy.access")
 _CHUNK = splice.PIPE_SIZE
 #: Descriptors per connection: the client, the backend, two pipes of two ends each, a duplicate while waiting.
 _FDS_PER_CONNECTION = 8
-_SPARE_DESCRIPTORS = 64
 
 
 @dataclasses.dataclass
@@ -235,7 +232,7 @@ class _Worker:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        limit = _connection_limit(self.config.max_connections)
+        limit = connection_limit(self.config.max_connections, _FDS_PER_CONNECTION)
         if self.config.backend_tls:
             acceptor = loop.create_task(self._accept_plain(limit))
             await stop.wait()
@@ -358,16 +355,6 @@ class _Worker:
         return transport
 
 
-def _connection_limit(wanted: int) -> int:
-    """``wanted``, or fewer if this process cannot have the descriptors for that many even at its hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted * _FDS_PER_CONNECTION + _SPARE_DESCRIPTORS)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return max(1, min(wanted, (soft - _SPARE_DESCRIPTORS) // _FDS_PER_CONNECTION))
-
-
 def _context(config: ProxyConfig) -> tuple[ssl.SSLContext, SessionCertificate | None]:
     if config.backend_tls:
         context = ssl.create_default_context(cafile=config.backend_ca)
@@ -384,15 +371,7 @@ def _context(config: ProxyConfig) -> tuple[ssl.SSLContext, SessionCertificate | 
 
 
 def _listener(config: ProxyConfig) -> socket.socket:
-    host, port = config.listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+    return reuseport_listener(*config.listen)
 
 
 def _worker(config: ProxyConfig, context: ssl.SSLContext, listener: socket.socket) -> None:
@@ -422,38 +401,10 @@ def run_proxy(config: ProxyConfig, out: TextIO = sys.stdout) -> int:
     if config.listen[1] == 0:
         config.listen = (config.listen[0], listener.getsockname()[1])
     _banner(config, certificate, out)
-    if config.workers <= 1:
-        _worker(config, context, listener)
-        return 0
-    children: list[int] = []
-    for _ in range(config.workers):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                if children:  # the first worker keeps the parent's socket; the others bind their own
-                    listener.close()
-                    _worker(config, context, _listener(config))
-                else:
-                    _worker(config, context, listener)
-            finally:
-                os._exit(0)
-        children.append(pid)
-    listener.close()
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        while True:
-            try:
-                os.waitpid(child, 0)
-                break
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
+    run_workers(
+        config.workers,
+        listener,
+        lambda: _listener(config),
+        lambda sock: _worker(config, context, sock),
+    )
     return 0

@@ -33,13 +33,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import resource
 import signal
 import socket
 import ssl
 import sys
 import time
-from types import FrameType
 from typing import TextIO
 
 from .. import asyncio as ktls_asyncio
@@ -47,6 +45,7 @@ from ..kernel.probe import probe
 from .certificate import SessionCertificate, load_default_certificate
 from .config import ServeConfig
 from .http import MAX_HEAD, BadRequest, Response, parse_request, printable, respond
+from .workers import connection_limit, reuseport_listener, run_workers
 
 __all__ = ["ServeConfig", "serve"]
 
@@ -63,8 +62,10 @@ READ_LIMIT = 64 * 1024
 #: After our close_notify, how long a connection may wait for the client's (asyncio's default is 30 s): a
 #: client that keeps its side open holds a connection slot no longer than this.
 CLOSE_TIMEOUT = 5.0
-#: Descriptors kept free of connections for files being sent, the listener and the loop.
-_SPARE_DESCRIPTORS = 64
+
+
+def _listener(config: ServeConfig) -> socket.socket:
+    return reuseport_listener(config.bind, config.port)
 
 
 def _context(config: ServeConfig) -> tuple[ssl.SSLContext, SessionCertificate | None]:
@@ -77,26 +78,6 @@ def _context(config: ServeConfig) -> tuple[ssl.SSLContext, SessionCertificate | 
     certificate = load_default_certificate()
     context.load_cert_chain(certificate.cert_path, certificate.key_path)
     return context, certificate
-
-
-def _listener(config: ServeConfig) -> socket.socket:
-    family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((config.bind, config.port))
-    sock.listen(1024)
-    return sock
-
-
-def _connection_limit(wanted: int) -> int:
-    """``wanted``, or fewer if this process cannot have that many descriptors even at its hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + _SPARE_DESCRIPTORS)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return max(1, min(wanted, soft - _SPARE_DESCRIPTORS))
 
 
 class _Connection:
@@ -254,7 +235,7 @@ class _Worker:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        limit = _connection_limit(self.config.max_connections)
+        limit = connection_limit(self.config.max_connections)
         server = await ktls_asyncio.start_server(
             self._client,
             sock=self.listener,
@@ -315,38 +296,10 @@ def serve(config: ServeConfig, out: TextIO = sys.stdout) -> int:
     if config.port == 0:
         config.port = listener.getsockname()[1]
     _banner(config, certificate, out)
-    if config.workers <= 1:
-        _worker(config, context, listener)
-        return 0
-    children: list[int] = []
-    for _ in range(config.workers):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                if children:  # the first worker keeps the parent's socket; the others bind their own
-                    listener.close()
-                    _worker(config, context, _listener(config))
-                else:
-                    _worker(config, context, listener)
-            finally:
-                os._exit(0)
-        children.append(pid)
-    listener.close()
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        while True:
-            try:
-                os.waitpid(child, 0)
-                break
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
+    run_workers(
+        config.workers,
+        listener,
+        lambda: _listener(config),
+        lambda sock: _worker(config, context, sock),
+    )
     return 0
