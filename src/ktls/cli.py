@@ -10,14 +10,17 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 from .constants import TLSVersion
 from .kernel import CIPHERS, KernelSupport, probe, read_tls_stat
 from .serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from .proxy import ProxyConfig
 
 __all__ = ["main"]
 
@@ -207,26 +210,17 @@ def _add_proxy(commands: Any) -> None:
     proxy = commands.add_parser("proxy", help="TLS termination: kernel TLS in, plain TCP out, payload by splice")
     proxy.add_argument("--listen", type=_address, required=True, metavar="ADDR:PORT", help="where clients connect")
     proxy.add_argument("--backend", type=_address, required=True, metavar="HOST:PORT", help="where to relay to")
-    proxy.add_argument("--cert", metavar="FILE", help="PEM certificate chain (default: self-signed)")
-    proxy.add_argument("--key", metavar="FILE", help="PEM private key for --cert")
-    proxy.add_argument("--workers", type=int, default=1, metavar="N", help="processes sharing the port (SO_REUSEPORT)")
-    proxy.add_argument(
-        "--max-connections",
-        type=int,
-        default=defaults.max_connections,
-        metavar="N",
-        help=f"connections per worker, handshakes included; more wait (default {defaults.max_connections})",
+    _add_server_options(
+        proxy,
+        defaults,
+        str,
+        (
+            ("--handshake-timeout", "handshake_timeout", "for a whole TLS handshake"),
+            ("--connect-timeout", "connect_timeout", "to reach the backend"),
+            ("--idle-timeout", "idle_timeout", "with no byte moved either way before a connection is cut"),
+            ("--stop-grace", "stop_grace", "a graceful stop lets connections finish"),
+        ),
     )
-    for option, field, what in (
-        ("--handshake-timeout", "handshake_timeout", "for a whole TLS handshake"),
-        ("--connect-timeout", "connect_timeout", "to reach the backend"),
-        ("--idle-timeout", "idle_timeout", "with no byte moved either way before a connection is cut"),
-        ("--stop-grace", "stop_grace", "a graceful stop lets connections finish"),
-    ):
-        default = getattr(defaults, field)
-        proxy.add_argument(
-            option, type=float, default=default, metavar="S", help=f"seconds {what} (default {default:g})"
-        )
     proxy.add_argument(
         "--proxy-protocol", choices=["v1", "v2"], help="send HAProxy's PROXY protocol header to the backend first"
     )
@@ -236,6 +230,32 @@ def _add_proxy(commands: Any) -> None:
     proxy.add_argument("--backend-ca", metavar="FILE", help="with --backend-tls: CA file to trust (default: system)")
     proxy.add_argument("--backend-name", metavar="NAME", help="with --backend-tls: name to verify (default: HOST)")
     proxy.set_defaults(run=_proxy)
+
+
+def _add_server_options(
+    parser: argparse.ArgumentParser,
+    defaults: ServeConfig | ProxyConfig,
+    path: Callable[[str], object],
+    timeouts: tuple[tuple[str, str, str], ...],
+) -> None:
+    """What ``serve`` and ``proxy`` both take: certificate, workers, connection limit, and their timeouts
+    (``(option, config field, what it bounds)``, defaults read from ``defaults``)."""
+    parser.add_argument("--cert", type=path, metavar="FILE", help="PEM certificate chain (default: self-signed)")
+    parser.add_argument("--key", type=path, metavar="FILE", help="PEM private key for --cert")
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="processes sharing the port (SO_REUSEPORT)")
+    limit = defaults.max_connections
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=limit,
+        metavar="N",
+        help=f"connections per worker, handshakes included; more wait (default {limit})",
+    )
+    for option, field, what in timeouts:
+        default = getattr(defaults, field)
+        parser.add_argument(
+            option, type=float, default=default, metavar="S", help=f"seconds {what} (default {default:g})"
+        )
 
 
 def _bench(args: argparse.Namespace, out: TextIO) -> int:
@@ -255,27 +275,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("directory", nargs="?", default=".", help="what to serve (default: the current directory)")
     serve.add_argument("--bind", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8443, metavar="N", help="port (default 8443; 0 picks one)")
-    serve.add_argument("--cert", type=Path, metavar="FILE", help="PEM certificate chain (default: self-signed)")
-    serve.add_argument("--key", type=Path, metavar="FILE", help="PEM private key for --cert")
-    serve.add_argument("--workers", type=int, default=1, metavar="N", help="processes sharing the port (SO_REUSEPORT)")
-    defaults = ServeConfig(Path("."))
-    serve.add_argument(
-        "--max-connections",
-        type=int,
-        default=defaults.max_connections,
-        metavar="N",
-        help=f"connections per worker, handshakes included; more wait (default {defaults.max_connections})",
+    _add_server_options(
+        serve,
+        ServeConfig(Path(".")),
+        Path,
+        (
+            ("--handshake-timeout", "handshake_timeout", "for a whole TLS handshake"),
+            ("--head-timeout", "head_timeout", "for a whole request head once it has started"),
+            ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
+            ("--send-timeout", "send_timeout", "for each step of a response (its head, each 1 MiB of a file)"),
+        ),
     )
-    for option, field, what in (
-        ("--handshake-timeout", "handshake_timeout", "for a whole TLS handshake"),
-        ("--head-timeout", "head_timeout", "for a whole request head once it has started"),
-        ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
-        ("--send-timeout", "send_timeout", "for each step of a response (its head, each 1 MiB of a file)"),
-    ):
-        default = getattr(defaults, field)
-        serve.add_argument(
-            option, type=float, default=default, metavar="S", help=f"seconds {what} (default {default:g})"
-        )
     serve.add_argument("--show-hidden", action="store_true", help="serve and list names starting with a dot")
     serve.set_defaults(run=_serve)
     _add_proxy(commands)
