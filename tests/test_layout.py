@@ -1,9 +1,9 @@
 """The package's layers, and that imports run one way between them (issue: one connection core).
 
-Front ends (``ktls.stream``, ``ktls.asyncio``) → the core (``ktls.core``) → the TLS layer (``ktls.tls``) →
-the kernel ABI (``ktls.kernel``) → ``ktls.constants`` / ``ktls.errors``. Applications of the library (the CLI,
-``serve``, ``bench``) sit on top. Read from the source with ``ast``, so a lazy import inside a function counts
-too.
+Front ends (``ktls.stream``, ``ktls.asyncio``) → their shared socket I/O (``ktls.engine``) → the core
+(``ktls.core``) → the TLS layer (``ktls.tls``) → the kernel ABI (``ktls.kernel``) → ``ktls.constants`` /
+``ktls.errors``. Applications of the library (the CLI, ``serve``, ``bench``) sit on top. Read from the source
+with ``ast``, so a lazy import inside a function counts too.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ LAYERS: list[tuple[str, int]] = [
     ("ktls.kernel", 1),  # the ABI: structs under their C names, syscalls
     ("ktls.tls", 2),  # records, key schedule, AEADs (a suite names its kernel cipher, so above the ABI)
     ("ktls.core", 3),
-    ("ktls.stream", 4),
-    ("ktls.asyncio", 4),
-    ("ktls.splice", 4),  # the splice loops both front ends delegate to (I/O, so not in the core)
-    ("ktls", 5),  # the package itself, the CLI, serve, bench
+    ("ktls.engine", 4),  # the socket I/O both front ends share, driven by the core
+    ("ktls.stream", 5),
+    ("ktls.asyncio", 5),
+    ("ktls.splice", 5),  # the splice loops both front ends delegate to (I/O, so not in the core)
+    ("ktls", 6),  # the package itself, the CLI, serve, bench
 ]
 
 
