@@ -36,14 +36,16 @@ socket buffer is full (rustls/ktls#78). A fatal alert replaces what is queued (:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
-from typing import NoReturn, Union
+from collections.abc import Callable, Generator
+from typing import IO, NoReturn, Union
 
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from .core import driver
@@ -64,6 +66,10 @@ log = logging.getLogger("ktls")
 RECORD_BUFFER = MAX_PLAINTEXT + 256
 #: Ciphertext read per ``recv`` when OpenSSL receives.
 _CIPHERTEXT_READ = 256 * 1024
+#: Bytes per ``os.sendfile`` call: big enough to amortise the call, small enough to count records for rekeying.
+_SENDFILE_CHUNK = 1 << 24
+#: Bytes per read of a file that is sent by reading it.
+_COPY_CHUNK = 64 * 1024
 
 _APPLICATION_DATA_CMSG = syscalls.APPLICATION_DATA_CMSG
 _CMSG_SPACE = syscalls.RECORD_TYPE_CMSG_SPACE
@@ -311,13 +317,51 @@ class Engine:
         self._enqueue(data if isinstance(data, bytes) else bytes(data))
         self.flush()
 
-    def sendfile(self, in_fd: int, offset: int, count: int) -> int:
-        """One ``os.sendfile`` of ``count`` bytes of ``in_fd`` from ``offset``: the kernel encrypts page-cache
-        pages (the queue must be empty). How many bytes went."""
-        sent = os.sendfile(self.sock.fileno(), in_fd, offset, count)
-        if sent:
-            self.sent(sent)
-        return sent
+    def sendfile(self, file: IO[bytes], offset: int, count: int | None) -> Generator[int, None, int]:
+        """Send ``count`` bytes of ``file`` from ``offset`` (to its end: ``None``), after what is queued. With the
+        kernel sending, ``os.sendfile``: page-cache pages go through the kernel's TLS and no byte enters Python;
+        otherwise (OpenSSL sends, a file without a descriptor, one the kernel cannot send from such as a pipe)
+        read and :meth:`write`. Yields the bytes sent so far whenever the socket is full — the front end waits
+        until it is writable and resumes, or stops there. Returns the bytes sent; the file position is left
+        after the last of them. While the queue is held (asyncio's sendfile) nothing is counted against the
+        key's limit: the count is taken when the hold ends."""
+        in_fd: int | None = None
+        if self.connection.sending is Sending.KERNEL:
+            with contextlib.suppress(AttributeError, io.UnsupportedOperation):
+                in_fd = file.fileno()
+        total = 0
+        try:
+            while count is None or total < count:
+                want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
+                if self.queue and not self.flush():
+                    yield total
+                    continue
+                if in_fd is None:
+                    file.seek(offset + total)
+                    if not (block := file.read(min(want, _COPY_CHUNK))):
+                        break
+                    self.write(block)
+                    total += len(block)
+                    continue
+                try:
+                    sent = os.sendfile(self.sock.fileno(), in_fd, offset + total, want)
+                except (BlockingIOError, InterruptedError):
+                    yield total
+                    continue
+                except OSError as exc:
+                    if total or isinstance(exc, (ConnectionError, TimeoutError)):
+                        raise
+                    in_fd = None  # not a file the kernel can send from (a pipe, /proc…): read it ourselves
+                    continue
+                if not sent:
+                    break  # end of file
+                total += sent
+                if not self.hold:
+                    self.sent(sent)
+        finally:
+            if total:
+                file.seek(offset + total)
+        return total
 
     def flush(self) -> bool:
         """Send what is queued, in order, as far as the socket takes it now (never waits): ``True`` once the

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import io
 import select
 import socket
 import ssl
@@ -47,7 +46,7 @@ from typing import Any, BinaryIO, Literal, NoReturn
 
 from . import splice
 from .core import driver
-from .core.connection import Connection, ConnectionState, Sending
+from .core.connection import Connection, ConnectionState
 from .core.control import Role
 from .core.handshake import Handshake
 from .core.keys import ConnectionKeys
@@ -65,8 +64,6 @@ _LINGER = 1.0
 #: Fallback (userspace TLS): how long close() keeps sending records ``send`` already accepted, when the
 #: stream has no timeout of its own (asyncio's ``ssl_shutdown_timeout`` default). Past it, close() raises.
 _CLOSE_FLUSH_TIMEOUT = 30.0
-#: Bytes per ``os.sendfile`` call: big enough to amortise the call, small enough to count records for rekeying.
-_SENDFILE_CHUNK = 1 << 24
 #: ``ioctl`` (``include/uapi/asm-generic/ioctls.h``).
 _SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in a TCP socket's send queue not yet acknowledged by the peer
 
@@ -262,52 +259,29 @@ class Stream(ConnectionState):
     def sendfile(self, file: BinaryIO, offset: int = 0, count: int | None = None) -> int:
         """Send a file. With the kernel sending, this is ``os.sendfile``: the bytes go from the page cache
         through the kernel's TLS without a copy into Python. On fallback (or for a file object without a
-        descriptor), a read + send loop. Like ``socket.sendfile``, the file's position ends after the last
-        byte sent; on a non-blocking stream it returns what the socket took (``BlockingIOError`` if nothing)."""
+        descriptor), a read + send loop (:meth:`ktls.engine.Engine.sendfile`). Like ``socket.sendfile``, the
+        file's position ends after the last byte sent; on a non-blocking stream it returns what the socket took
+        (``BlockingIOError`` if nothing)."""
         self._check_open()
         self._connection.check_writable()
-        if self._connection.sending is not Sending.KERNEL:
-            return self._sendfile_userspace(file, offset, count)
+        steps = self._engine.sendfile(file, offset, count)
         try:
-            in_fd = file.fileno()
-        except (AttributeError, io.UnsupportedOperation):
-            return self._sendfile_userspace(file, offset, count)
-        total = 0
-        try:
-            while count is None or total < count:
-                want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
-                try:
-                    if self._engine.queue:
-                        self._drain(self._timeout)
-                    sent = self._engine.sendfile(in_fd, offset + total, want)
-                except BlockingIOError:
-                    if total:
-                        break  # a non-blocking stream: report what went
-                    raise self._would_block("sending") from None
-                except OSError as exc:
-                    if total or isinstance(exc, (ConnectionError, TimeoutError)):
-                        raise
-                    # Not a file the kernel can splice from (a pipe, /proc, ...): read it ourselves.
-                    return self._sendfile_userspace(file, offset, count)
-                if not sent:
-                    break  # end of file
-                total += sent
+            while True:
+                sent = next(steps)  # the socket is full
+                if self._timeout == 0.0 and sent:
+                    return sent
+                deadline = None if self._timeout is None else time.monotonic() + self._timeout
+                self._wait_writable(deadline, self._timeout == 0.0, "sending")
+        except StopIteration as done:
+            total: int = done.value
+        except Exception:
+            self._failed()
+            raise
         finally:
-            if total:
-                file.seek(offset + total)
-        return total
-
-    def _sendfile_userspace(self, file: BinaryIO, offset: int, count: int | None) -> int:
-        file.seek(offset)
-        total = 0
-        while count is None or total < count:
-            want = 65536 if count is None else min(65536, count - total)
-            block = file.read(want)
-            if not block:
-                break
-            self.sendall(block)
-            total += len(block)
-        file.seek(offset + total)
+            steps.close()
+        if self._engine.queue and self._timeout != 0.0:
+            with contextlib.suppress(TimeoutError):
+                self._drain(self._timeout)
         return total
 
     def key_update(self, request_peer_update: bool = False) -> None:
@@ -329,21 +303,22 @@ class Stream(ConnectionState):
     def _drain(self, timeout: float | None) -> None:
         """Wait until everything queued (control records, OpenSSL's records) has been sent: ``BlockingIOError``
         for ``timeout`` 0, ``TimeoutError`` past ``timeout`` (``None``: no limit)."""
-        engine = self._engine
         deadline = None if timeout is None else time.monotonic() + timeout
-        poller: select.poll | None = None
-        while not engine.flush():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                if timeout == 0.0:
-                    raise BlockingIOError(errno.EAGAIN, "the send buffer is full")
-                raise TimeoutError(
-                    errno.ETIMEDOUT, f"{engine.queued} bytes not sent: the peer read nothing for {timeout:g} s"
-                )
-            if poller is None:
-                poller = select.poll()
-                poller.register(self._sock, select.POLLOUT)
-            poller.poll(None if remaining is None else remaining * 1000)
+        while not self._engine.flush():
+            self._wait_writable(deadline, timeout == 0.0, f"{self._engine.queued} bytes not sent")
+
+    def _wait_writable(self, deadline: float | None, nonblocking: bool, what: str) -> None:
+        """``poll`` until the socket takes more, or ``deadline``: ``BlockingIOError`` when ``nonblocking``,
+        ``TimeoutError`` past the deadline."""
+        if nonblocking:
+            raise BlockingIOError(errno.EAGAIN, f"the TLS stream would block ({what})")
+        remaining = None if deadline is None else deadline - time.monotonic()
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        if (remaining is not None and remaining <= 0) or not poller.poll(
+            None if remaining is None else remaining * 1000
+        ):
+            raise TimeoutError(errno.ETIMEDOUT, f"timed out ({what})")
 
     def _failed(self) -> None:
         """After an error: when the connection has an alert for the peer, send it (bounded), half-close, and

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import ssl
 import warnings
@@ -111,19 +110,21 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         self._lost_writes = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._selector = isinstance(loop, selector_events.BaseSelectorEventLoop)
+        # A selector loop's private calls, as its own socket transports use them (no handle per call); and the
+        # registry its _sendfile_native expects to undo. Other loops (uvloop): the public ones.
+        anyloop: Any = loop
+        self._add_reader = anyloop._add_reader if self._selector else loop.add_reader
+        self._remove_reader = anyloop._remove_reader if self._selector else loop.remove_reader
+        self._add_writer = anyloop._add_writer if self._selector else loop.add_writer
+        self._remove_writer = anyloop._remove_writer if self._selector else loop.remove_writer
         self._extra_info = self._static_extra()
         if self._selector:
-            # What the loop's own socket transports do (and what its _sendfile_native expects to undo).
-            self._selector_loop()._transports[self._sock_fd] = self
+            anyloop._transports[self._sock_fd] = self
         if server is not None:
             server._attach(self)
         loop.call_soon(self._connection_made)
 
     # -- the loop's plumbing --------------------------------------------------------------------------------------
-
-    def _selector_loop(self) -> Any:
-        """The loop as a ``BaseSelectorEventLoop`` (its private reader/writer and transport registry)."""
-        return self._loop
 
     def _connection_made(self) -> None:
         if not self._lost:
@@ -141,32 +142,22 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
             return
         self._reader_on = want
         if want:
-            if self._selector:
-                self._selector_loop()._add_reader(self._sock_fd, self._read_ready)
-            else:
-                self._loop.add_reader(self._sock_fd, self._read_ready)
+            self._add_reader(self._sock_fd, self._read_ready)
             # Read once right away: plaintext decrypted earlier (early data, the deferred window, OpenSSL's
             # buffer) waits for no readiness event, nor does a KeyUpdate the kernel decrypted during our last
             # read (module docstring).
             self._loop.call_soon(self._read_ready)
-        elif self._selector:
-            self._selector_loop()._remove_reader(self._sock_fd)
         else:
-            self._loop.remove_reader(self._sock_fd)
+            self._remove_reader(self._sock_fd)
 
     def _set_writer(self, want: bool) -> None:
         if want == self._writer_on or (want and self._lost):
             return
         self._writer_on = want
         if want:
-            if self._selector:
-                self._selector_loop()._add_writer(self._sock_fd, self._write_ready)
-            else:
-                self._loop.add_writer(self._sock_fd, self._write_ready)
-        elif self._selector:
-            self._selector_loop()._remove_writer(self._sock_fd)
+            self._add_writer(self._sock_fd, self._write_ready)
         else:
-            self._loop.remove_writer(self._sock_fd)
+            self._remove_writer(self._sock_fd)
 
     # -- extra info -----------------------------------------------------------------------------------------------
 
@@ -421,32 +412,24 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
             return await self._loop.sendfile(self, file, offset, count)
         if not self.kernel_tx:
             return await self._sendfile_by_writes(file, offset, count)
-        fileno = file.fileno()
-        size = os.fstat(fileno).st_size
-        total = 0
         resume = self.is_reading()
         self.pause_reading()
         try:
-            await self._make_empty_waiter()
-            while count is None or total < count:
-                want = (size - offset - total) if count is None else (count - total)
-                if want <= 0:
-                    break
-                try:
-                    sent = os.sendfile(self._sock_fd, fileno, offset + total, want)
-                except (BlockingIOError, InterruptedError):
+            await self._make_empty_waiter()  # the queue is empty and held: the file goes next
+            steps = self._engine.sendfile(file, offset, count)
+            try:
+                while True:
+                    next(steps)  # the socket is full
                     await self._writable()
-                    continue
-                if sent == 0:
-                    break
-                total += sent
+            except StopIteration as done:
+                total: int = done.value
+                return total
+            finally:
+                steps.close()
         finally:
-            if total:
-                os.lseek(fileno, offset + total, os.SEEK_SET)
             self._reset_empty_waiter()
             if resume:
                 self.resume_reading()
-        return total
 
     async def _writable(self) -> None:
         """Wait until the socket takes more (a loop that is not a selector loop: public add_writer)."""
