@@ -93,10 +93,27 @@ class Step:
 
 
 Item = Union[bytes, memoryview, ControlRecord, Step]  # noqa: UP007
+#: The empty queue every engine starts with; it is replaced before anything is added (``maxlen=0`` would drop it).
+_NOTHING_QUEUED: collections.deque[Item] = collections.deque(maxlen=0)
 
 
 class Engine:
     """The socket I/O of one TLS connection after its handshake (module docstring)."""
+
+    __slots__ = (
+        "_fatal_alert",
+        "_flushing",
+        "_scratch",
+        "_userspace",
+        "connection",
+        "hold",
+        "on_flushed",
+        "plaintext",
+        "queue",
+        "queued",
+        "sock",
+        "ssl_object",
+    )
 
     def __init__(
         self, sock: socket.socket, handshake: Handshake | None, connection: Connection, early_data: bytes = b""
@@ -109,8 +126,9 @@ class Engine:
         #: Application data decrypted but not yet delivered (before the hand-off, or beyond a small buffer).
         self.plaintext = bytearray(early_data)
         self._scratch: memoryview | None = None
-        #: What waits to be sent, in order (module docstring), and its size in bytes.
-        self.queue: collections.deque[Item] = collections.deque()
+        #: What waits to be sent, in order (module docstring), and its size in bytes. Most connections never
+        #: queue anything: they share one empty queue that nothing is ever added to (:meth:`_writable_queue`).
+        self.queue: collections.deque[Item] = _NOTHING_QUEUED
         self.queued = 0
         #: Someone else writes to the socket for now (asyncio's native ``loop.sendfile``): the queue waits.
         self.hold = False
@@ -403,8 +421,14 @@ class Engine:
         return not self.queue
 
     def _enqueue(self, item: Item) -> None:
-        self.queue.append(item)
+        self._writable_queue().append(item)
         self.queued += _size(item)
+
+    def _writable_queue(self) -> collections.deque[Item]:
+        """This engine's own queue, made on first use (a deque costs ~760 bytes per idle connection)."""
+        if self.queue is _NOTHING_QUEUED:
+            self.queue = collections.deque()
+        return self.queue
 
     def clear(self) -> None:
         """Drop everything queued (the connection is gone)."""
@@ -498,7 +522,7 @@ class Engine:
             elif isinstance(action, Fail):
                 raise action.error
         for item in reversed(urgent):
-            self.queue.appendleft(item)
+            self._writable_queue().appendleft(item)
             self.queued += _size(item)
         if self.queue:
             self.flush()
