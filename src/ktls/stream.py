@@ -42,7 +42,8 @@ import ssl
 import struct
 import sys
 import time
-from typing import Any, BinaryIO, Literal, NoReturn
+from collections.abc import Callable
+from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
 
 from . import splice
 from .core import driver
@@ -54,6 +55,9 @@ from .engine import Engine
 from .errors import KernelTLSUnavailable
 
 __all__ = ["Stream", "wrap_socket"]
+
+_Into = TypeVar("_Into", int, memoryview)  # what a read is given: a size, or a buffer
+_Read = TypeVar("_Read", bytes, int)  # what it returns: the bytes, or how many
 
 #: How long close() waits to send its close_notify into a full send buffer, and an alert's wait for the peer's
 #: FIN.
@@ -183,12 +187,20 @@ class Stream(ConnectionState):
 
     def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
         """Up to ``bufsize`` bytes of application data; ``b""`` at the end of the stream."""
+        return self._receive(self._engine.read, bufsize, flags)
+
+    def recv_into(self, buffer: memoryview | bytearray, nbytes: int = 0, flags: int = 0) -> int:
+        """Read up to ``nbytes`` (default: ``len(buffer)``) bytes of application data into ``buffer``."""
+        view = memoryview(buffer).cast("B")
+        return self._receive(self._engine.read_into, view[:nbytes] if nbytes else view, flags)
+
+    def _receive(self, read: Callable[[_Into], _Read | None], into: _Into, flags: int) -> _Read:
+        """``read(into)`` until it returns data or the end (it returns ``None`` after a control record)."""
         if flags:
             raise ValueError("flags are not supported on a TLS stream")
         self._check_open()
-        engine = self._engine
         try:
-            while (data := engine.read(bufsize)) is None:
+            while (data := read(into)) is None:
                 pass
         except BlockingIOError:
             raise self._would_block("receiving") from None
@@ -196,25 +208,6 @@ class Stream(ConnectionState):
             self._failed()
             raise
         return data
-
-    def recv_into(self, buffer: memoryview | bytearray, nbytes: int = 0, flags: int = 0) -> int:
-        """Read up to ``nbytes`` (default: ``len(buffer)``) bytes of application data into ``buffer``."""
-        if flags:
-            raise ValueError("flags are not supported on a TLS stream")
-        self._check_open()
-        view = memoryview(buffer).cast("B")
-        if nbytes:
-            view = view[:nbytes]
-        engine = self._engine
-        try:
-            while (n := engine.read_into(view)) is None:
-                pass
-        except BlockingIOError:
-            raise self._would_block("receiving") from None
-        except Exception:
-            self._failed()
-            raise
-        return n
 
     def read(self, len: int = 1024, buffer: bytearray | None = None) -> bytes | int:
         """``ssl.SSLSocket.read`` compatibility."""
