@@ -224,6 +224,8 @@ class KeylogCapture:
             if self._forward_to is not None:
                 self._forward(chunk)
             read_any = True
+            if len(chunk) < _READ_CHUNK:
+                break  # the end of the file as it is now: asking again would only read nothing
         if read_any:
             _punch_hole(self._fd, self._offset)
 
@@ -237,8 +239,11 @@ class KeylogCapture:
     def _maybe_truncate(self) -> None:
         if self._live:
             return
-        self._read_new()
-        if os.fstat(self._fd).st_size == self._offset and self._offset:
+        if os.fstat(self._fd).st_size != self._offset:
+            self._read_new()  # lines no claim is waiting for (another stack's connection): read, then truncate
+            if os.fstat(self._fd).st_size != self._offset:
+                return
+        if self._offset:
             os.ftruncate(self._fd, 0)
             self._offset = 0
 

@@ -106,6 +106,13 @@ def hkdf_expand_label(secret: bytes, label: bytes, context: bytes, length: int, 
 
     ``label`` is given without the ``"tls13 "`` prefix, as the RFC writes it (``b"key"``, ``b"c ap traffic"``).
     """
+    if not context and length <= _digest_size(hash_name):
+        # The one shape ktls itself derives (keys, IVs, the next secret): one HMAC, its info prepared once.
+        return hmac.digest(secret, _single_block_info(label, length), hash_name)[:length]
+    return hkdf_expand(secret, _hkdf_label(label, context, length), length, hash_name)
+
+
+def _hkdf_label(label: bytes, context: bytes, length: int) -> bytes:
     full_label = _LABEL_PREFIX + label
     if not 7 <= len(full_label) <= 255:
         raise ValueError(f"HkdfLabel.label must be 7..255 bytes, got {len(full_label)}")
@@ -113,14 +120,20 @@ def hkdf_expand_label(secret: bytes, label: bytes, context: bytes, length: int, 
         raise ValueError(f"HkdfLabel.context must be at most 255 bytes, got {len(context)}")
     if not 0 <= length <= 0xFFFF:
         raise ValueError(f"HkdfLabel.length is a uint16, got {length}")
-    hkdf_label = (
+    return (
         length.to_bytes(2, "big")
         + len(full_label).to_bytes(1, "big")
         + full_label
         + len(context).to_bytes(1, "big")
         + context
     )
-    return hkdf_expand(secret, hkdf_label, length, hash_name)
+
+
+@functools.lru_cache(maxsize=64)
+def _single_block_info(label: bytes, length: int) -> bytes:
+    """HKDF-Expand's input for its first (and, up to Hash.length bytes, only) block: ``HkdfLabel`` with an
+    empty context, then the counter 1 (RFC 5869 §2.3: ``T(1) = HMAC(PRK, info | 0x01)``)."""
+    return _hkdf_label(label, b"", length) + b"\x01"
 
 
 def _check_tls13(secret: bytes, suite: CipherSuite) -> None:
