@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import html
 import mimetypes
 import os
@@ -68,6 +69,7 @@ _ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*")  # RFC 9112 §3.2.1, printable ASCI
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _RANGE_BOUND = re.compile(r"[0-9]{0,18}")
 _NO_BODY_STATUSES = frozenset({204, 304})  # and 1xx, which we never send
+_PRINTABLE = re.compile(rb"[\x20\x21\x23-\x7e]*")  # what printable() leaves as it is
 
 
 class BadRequest(ValueError):
@@ -248,6 +250,8 @@ def printable(data: bytes | str) -> str:
     ASCII become escapes (``\\x1b``), so a request cannot forge log lines, fields or terminal codes. Applying
     it twice changes nothing more."""
     raw = data.encode("latin-1", "replace") if isinstance(data, str) else data
+    if _PRINTABLE.fullmatch(raw):
+        return raw.decode("ascii")  # nothing to escape (a request line, nearly always)
     return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x22 else f"\\x{b:02x}" for b in raw)
 
 
@@ -271,10 +275,42 @@ def _hidden(root: bytes, path: bytes) -> bool:
 def _resolve(root: bytes, components: list[bytes], show_hidden: bool) -> bytes | None:
     """The real path under ``root`` that ``components`` name (symlinks followed), or ``None`` when it would
     leave the root or is hidden."""
-    candidate = os.path.realpath(os.path.join(root, *components)) if components else root
-    if not _inside(root, candidate) or (not show_hidden and _hidden(root, candidate)):
+    found = _resolve_with_status(root, components, show_hidden)
+    return found[0] if found is not None else None
+
+
+def _resolve_with_status(
+    root: bytes, components: list[bytes], show_hidden: bool
+) -> tuple[bytes, os.stat_result | None] | None:
+    """:func:`_resolve`, and the path's status when it was read on the way (``None``: stat it).
+
+    ``root`` is already real (:func:`_real_root`), so only the components below it are looked at, one
+    ``lstat`` each; at the first symlink (or anything unusual) the whole path goes through
+    ``os.path.realpath`` as before. A component that does not exist ends the walk: ``realpath`` would name
+    a path that does not exist either, and both answer 404."""
+    path, info = root, None
+    for component in components:
+        if component == b".":
+            continue
+        path = os.path.join(path, component)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None
+        if stat.S_ISLNK(info.st_mode):
+            candidate = os.path.realpath(os.path.join(root, *components))
+            if not _inside(root, candidate) or (not show_hidden and _hidden(root, candidate)):
+                return None
+            return candidate, None
+    if not show_hidden and _hidden(root, path):
         return None
-    return candidate
+    return path, info
+
+
+@functools.lru_cache(maxsize=16)
+def _real_root(root: bytes) -> bytes:
+    """The served directory with every symlink resolved, once per root (the server fixes its root at start)."""
+    return os.path.realpath(root)
 
 
 def _etag(info: os.stat_result) -> str:
@@ -363,19 +399,21 @@ def respond(request: Request, root: bytes | os.PathLike[str] | str, *, show_hidd
         response = error_response(405, "Method Not Allowed", f"{request.method} is not supported here")
         response.headers.append(("Allow", "GET, HEAD"))
         return response
-    root_path = os.path.realpath(os.fsencode(root))
+    root_path = _real_root(os.fsencode(root))
     target_path = urllib.parse.urlsplit(request.target).path
-    raw_path = urllib.parse.unquote_to_bytes(target_path)
+    raw_path = urllib.parse.unquote_to_bytes(target_path) if "%" in target_path else target_path.encode("ascii")
     components = [part for part in raw_path.split(b"/") if part]
     if b"\0" in raw_path or b".." in components or (not show_hidden and any(p.startswith(b".") for p in components)):
         return error_response(404, "Not Found", head_only=head_only)
-    path = _resolve(root_path, components, show_hidden)
-    try:
-        info = os.stat(path) if path is not None else None
-    except OSError:
-        info = None
-    if path is None or info is None:
+    found = _resolve_with_status(root_path, components, show_hidden)
+    if found is None:
         return error_response(404, "Not Found", head_only=head_only)
+    path, info = found
+    if info is None:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return error_response(404, "Not Found", head_only=head_only)
     if stat.S_ISDIR(info.st_mode):
         if not target_path.endswith("/"):
             response = error_response(301, "Moved Permanently", head_only=head_only)
@@ -402,10 +440,21 @@ def respond(request: Request, root: bytes | os.PathLike[str] | str, *, show_hidd
         raise
 
 
+@functools.lru_cache(maxsize=1024)
+def _http_date(mtime: float) -> str:
+    return email.utils.formatdate(mtime, usegmt=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _content_type(name: bytes) -> str:
+    """The type ``mimetypes`` guesses from a file's name (a function of the name alone, so remembered)."""
+    return mimetypes.guess_type("/" + os.fsdecode(name))[0] or "application/octet-stream"
+
+
 def _file_response(request: Request, path: bytes, fd: int, info: os.stat_result, head_only: bool) -> Response:
     etag = _etag(info)
-    last_modified = email.utils.formatdate(info.st_mtime, usegmt=True)
-    content_type = mimetypes.guess_type(os.fsdecode(path))[0] or "application/octet-stream"
+    last_modified = _http_date(info.st_mtime)
+    content_type = _content_type(os.path.basename(path))
     headers = [
         ("Server", SERVER),
         ("Content-Type", content_type),
