@@ -20,7 +20,8 @@ Which library, and when it is not used
   returns ``None`` and :mod:`ktls.tls.aead` opens in pure Python. Either way the same tag is checked.
 
 Only calls that OpenSSL 1.1.0 to 3.x all have, with the same C signatures: ``EVP_CIPHER_CTX_new``/``_free``
-(``free`` wipes the key schedule), ``EVP_aes_128_gcm``/``EVP_aes_256_gcm``/``EVP_chacha20_poly1305``,
+(``free`` wipes the key schedule), ``EVP_aes_128_gcm``/``EVP_aes_256_gcm``/``EVP_chacha20_poly1305`` (on
+OpenSSL 3, ``EVP_CIPHER_fetch`` by the same names instead, once),
 ``EVP_DecryptInit_ex``, ``EVP_CIPHER_CTX_ctrl(EVP_CTRL_AEAD_SET_TAG)``, ``EVP_DecryptUpdate`` and
 ``EVP_DecryptFinal_ex`` (which compares the tag). The nonce is 12 bytes, these AEADs' default. Every output
 buffer is allocated here, sized for the whole input, before the call.
@@ -112,7 +113,17 @@ class _Library:
         self.final = library.EVP_DecryptFinal_ex
         self.final.argtypes, self.final.restype = (pointer, ctypes.c_char_p, ctypes.POINTER(c_int)), c_int
 
-    def cipher(self, getter: str) -> int | None:
+    def cipher(self, name: str, getter: str) -> int | None:
+        """The ``EVP_CIPHER`` to decrypt with. OpenSSL 3: fetched once (``EVP_CIPHER_fetch``, kept for the
+        process's life) — the legacy ``EVP_aes_128_gcm()`` object makes every ``EVP_DecryptInit_ex`` look the
+        implementation up again (locks and atomics: 0.7 ms an open in an emulated guest). OpenSSL 1.1: the
+        legacy getter, which is the implementation."""
+        fetch = getattr(self.library, "EVP_CIPHER_fetch", None)
+        if fetch is not None:
+            fetch.argtypes, fetch.restype = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p), ctypes.c_void_p
+            fetched: int | None = fetch(None, name.encode("ascii"), None)
+            if fetched:
+                return fetched
         try:
             function = getattr(self.library, getter)
         except AttributeError:
@@ -196,7 +207,7 @@ def _checked(library: _Library, name: str) -> Opener | None:
     """``name``'s opener if this library has the cipher and it opens its published vector, and refuses the
     vector with one bit of the tag changed."""
     getter, key_size, vector = _CIPHERS[name]
-    cipher = library.cipher(getter)
+    cipher = library.cipher(name, getter)
     if not cipher:
         return None
     open_ = library.opener(cipher)
