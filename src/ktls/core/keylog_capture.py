@@ -21,8 +21,9 @@ what is appended, and hand each connection its own lines by client random (:clas
   still land at the end), so the file holds only lines not read yet — never past connections' secrets, even
   while a stalled handshake keeps the file from being truncated. A read made while no other claim is in flight
   truncates the file to zero instead (one syscall; no ktls connection's line can be lost, since every ktls
-  handshake that could log one is in flight), and so does the end of the last claim in flight if lines were read meanwhile. Lines read but not taken are bounded by the parser;
-  a claim that ends without taking its lines discards them; taken secrets are wiped once keys are derived.
+  handshake that could log one is in flight), and so does the end of the last claim in flight if lines were
+  read meanwhile. Lines read but not taken are bounded by the parser; a claim that ends without taking its
+  lines discards them; taken secrets are wiped once keys are derived.
 * **fork.** A child process gets its own memory file for every capture (``os.register_at_fork``): the
   file descriptor is shared with the parent otherwise, and one side's reads, holes and truncation would
   take lines the other is waiting for.
