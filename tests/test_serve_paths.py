@@ -6,6 +6,9 @@
   ``stat`` — for every target over a tree of files, directories, dot-names and symlinks (inside the root,
   outside it, dangling, through a directory, in a loop): the same file or none, with and without
   ``show_hidden``.
+* ``Last-Modified`` is formatted without ``email.utils``, and ``Content-Type`` is guessed once per pair of
+  extensions: both equal what ``email.utils.formatdate`` and ``mimetypes.guess_type`` say, for any time and
+  any name.
 * A small file body goes out with its head in one write (``_Connection._send``); a file that shrank since it
   was opened still sends what is there and reports the response incomplete (the server then closes the
   connection), as the ``sendfile`` path does.
@@ -14,15 +17,28 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
+import mimetypes
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ktls.serve.config import ServeConfig
-from ktls.serve.http import _hidden, _inside, _real_root, _resolve_with_status, parse_request, respond
+from ktls.serve.http import (
+    _content_type,
+    _hidden,
+    _http_date,
+    _inside,
+    _real_root,
+    _resolve_with_status,
+    parse_request,
+    respond,
+)
 from ktls.serve.server import INLINE_BODY, _Connection
 
 
@@ -151,3 +167,27 @@ def test_a_small_file_that_shrank_is_sent_short_and_incomplete(tmp_path: Path) -
     assert (complete, sent) == (False, 1000)
     assert connection.writer.written.endswith(b"\r\n\r\n" + b"x" * 1000)
     assert b"Content-Length: 4000" in connection.writer.written
+
+
+@settings(max_examples=500, deadline=None)
+@given(mtime=st.floats(min_value=0, max_value=2**35, allow_nan=False))
+def test_last_modified_is_formatdate(mtime: float) -> None:
+    assert _http_date(mtime) == email.utils.formatdate(mtime, usegmt=True)
+
+
+_PARTS = st.sampled_from(["", ".", "..", "a", "tar", "gz", "Z", "TXT", "txt", "html", "svgz", "tgz", "br", "json", "x"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(parts=st.lists(_PARTS, max_size=5), separator=st.sampled_from([".", ".."]))
+def test_content_type_is_what_mimetypes_guesses(parts: list[str], separator: str) -> None:
+    name = separator.join(parts) or "x"
+    expected = mimetypes.guess_type("/" + name)[0] or "application/octet-stream"
+    assert _content_type(os.fsencode(name)) == expected, name
+
+
+@pytest.mark.parametrize(
+    "name", ["f1.txt", "a.tar.gz", "b.tgz", "c.svgz", "d.TXT", ".tar.gz", "..gz", "a..gz", "noext", "x.html.br", "y.Z"]
+)
+def test_content_type_of_tricky_names(name: str) -> None:
+    assert _content_type(os.fsencode(name)) == (mimetypes.guess_type("/" + name)[0] or "application/octet-stream")

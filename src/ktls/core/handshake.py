@@ -92,6 +92,7 @@ class _HelloReader:
 
     def __init__(self, hello: HandshakeType) -> None:
         self._hello = hello
+        self._hello_type = int(hello)
         self._buffer = bytearray()  # the current message's header, then (for a hello) its first body bytes
         self._body_left = 0  # bytes of the current message's body still to come
         self._is_hello = False
@@ -100,7 +101,23 @@ class _HelloReader:
         self.randoms: list[bytes] = []
 
     def feed(self, fragment: bytes) -> None:
-        view = memoryview(fragment)
+        start, size = 0, len(fragment)
+        # Between messages, each message that lies whole in this fragment is read where it is (the usual case:
+        # a hello alone in its record); a message cut by the fragment's end goes through the buffer below.
+        while self._body_left == 0 and not self._buffer and size - start >= HANDSHAKE_HEADER_SIZE:
+            end = (
+                start
+                + HANDSHAKE_HEADER_SIZE
+                + int.from_bytes(fragment[start + 1 : start + HANDSHAKE_HEADER_SIZE], "big")
+            )
+            if end > size:
+                break
+            if fragment[start] == self._hello_type and end - start >= HANDSHAKE_HEADER_SIZE + _HELLO_BODY_PREFIX:
+                if len(self.randoms) < 2:  # (_message_ended's rule)
+                    body = start + HANDSHAKE_HEADER_SIZE
+                    self.randoms.append(fragment[body + 2 : body + _HELLO_BODY_PREFIX])
+            start = end
+        view = memoryview(fragment)[start:]
         while view:
             if self._body_left == 0 and len(self._buffer) < HANDSHAKE_HEADER_SIZE:
                 take = HANDSHAKE_HEADER_SIZE - len(self._buffer)
