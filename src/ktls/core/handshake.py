@@ -112,10 +112,10 @@ class _HelloReader:
             )
             if end > size:
                 break
-            if fragment[start] == self._hello_type and end - start >= HANDSHAKE_HEADER_SIZE + _HELLO_BODY_PREFIX:
-                if len(self.randoms) < 2:  # (_message_ended's rule)
-                    body = start + HANDSHAKE_HEADER_SIZE
-                    self.randoms.append(fragment[body + 2 : body + _HELLO_BODY_PREFIX])
+            hello = fragment[start] == self._hello_type and end - start >= HANDSHAKE_HEADER_SIZE + _HELLO_BODY_PREFIX
+            if hello and len(self.randoms) < 2:  # (_message_ended's rules)
+                body = start + HANDSHAKE_HEADER_SIZE
+                self.randoms.append(fragment[body + 2 : body + _HELLO_BODY_PREFIX])
             start = end
         view = memoryview(fragment)[start:]
         while view:

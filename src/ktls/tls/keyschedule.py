@@ -85,19 +85,29 @@ _EMPTY: dict[str, Any] = {}
 
 def _hmac(key: bytes, message: bytes, hash_name: HashName) -> bytes:
     """HMAC (RFC 2104) — ``hmac.digest(key, message, hash_name)``, from copies of one hash object."""
+    return _hmacs(key, (message,), hash_name)[0]
+
+
+def _hmacs(key: bytes, messages: tuple[bytes, ...], hash_name: HashName) -> list[bytes]:
+    """``_hmac(key, message)`` of each message, the key's inner and outer pads hashed once for all."""
     empty = _EMPTY.get(hash_name)
     if empty is None:
         empty = _EMPTY.setdefault(hash_name, hashlib.new(hash_name))
     if len(key) > empty.block_size:
         key = hashlib.new(hash_name, key).digest()
     key = key.ljust(empty.block_size, b"\0")
-    inner = empty.copy()
-    inner.update(key.translate(_IPAD))
-    inner.update(message)
-    outer = empty.copy()
-    outer.update(key.translate(_OPAD))
-    outer.update(inner.digest())
-    return bytes(outer.digest())
+    inner_keyed = empty.copy()
+    inner_keyed.update(key.translate(_IPAD))
+    outer_keyed = empty.copy()
+    outer_keyed.update(key.translate(_OPAD))
+    digests = []
+    for message in messages:
+        inner = inner_keyed.copy()
+        inner.update(message)
+        outer = outer_keyed.copy()
+        outer.update(inner.digest())
+        digests.append(bytes(outer.digest()))
+    return digests
 
 
 # --- TLS 1.3 ---------------------------------------------------------------------------------------------
@@ -190,9 +200,13 @@ class TrafficKeys:
 def traffic_key_and_iv(secret: bytes, suite: CipherSuite) -> TrafficKeys:
     """A TLS 1.3 traffic secret's write key and IV (RFC 8446 §7.3)."""
     _check_tls13(secret, suite)
-    key = hkdf_expand_label(secret, b"key", b"", suite.key_size, suite.hash_name)
-    iv = hkdf_expand_label(secret, b"iv", b"", suite.fixed_iv_size, suite.hash_name)
-    return TrafficKeys(key, iv)
+    key_size, iv_size, hash_name = suite.key_size, suite.fixed_iv_size, suite.hash_name
+    if max(key_size, iv_size) > _digest_size(hash_name):  # pragma: no cover - no TLS 1.3 suite has it
+        key = hkdf_expand_label(secret, b"key", b"", key_size, hash_name)
+        return TrafficKeys(key, hkdf_expand_label(secret, b"iv", b"", iv_size, hash_name))
+    # Both are HKDF-Expand-Label's one-block case under the same key: one keyed HMAC state for the two.
+    key, iv = _hmacs(secret, (_single_block_info(b"key", key_size), _single_block_info(b"iv", iv_size)), hash_name)
+    return TrafficKeys(key[:key_size], iv[:iv_size])
 
 
 def next_traffic_secret(secret: bytes, suite: CipherSuite) -> bytes:

@@ -111,7 +111,7 @@ class _Library:
         self.update.argtypes = (pointer, ctypes.c_char_p, ctypes.POINTER(c_int), ctypes.c_char_p, c_int)
         self.update.restype = c_int
         self.final = library.EVP_DecryptFinal_ex
-        self.final.argtypes, self.final.restype = (pointer, ctypes.c_char_p, ctypes.POINTER(c_int)), c_int
+        self.final.argtypes, self.final.restype = (pointer, pointer, ctypes.POINTER(c_int)), c_int
 
     def cipher(self, name: str, getter: str) -> int | None:
         """The ``EVP_CIPHER`` to decrypt with. OpenSSL 3: fetched once (``EVP_CIPHER_fetch``, kept for the
@@ -148,25 +148,23 @@ class _Library:
                 raise MemoryError("EVP_CIPHER_CTX_new failed")
             try:
                 written = ctypes.c_int(0)
+                count = ctypes.byref(written)
+                # The plaintext, then room for what a final step may add (these AEADs add nothing).
                 out = ctypes.create_string_buffer(len(ciphertext) + _TAG_SIZE)
                 if init(ctx, cipher, None, key, nonce) != 1:
                     raise ValueError("EVP_DecryptInit_ex refused the key")
-                if (
-                    associated_data
-                    and update(ctx, None, ctypes.byref(written), associated_data, len(associated_data)) != 1
-                ):
+                if associated_data and update(ctx, None, count, associated_data, len(associated_data)) != 1:
                     raise ValueError("EVP_DecryptUpdate refused the associated data")
                 length = 0
                 if ciphertext:
-                    if update(ctx, out, ctypes.byref(written), ciphertext, len(ciphertext)) != 1:
+                    if update(ctx, out, count, ciphertext, len(ciphertext)) != 1:
                         raise ValueError("EVP_DecryptUpdate refused the ciphertext")
                     length = written.value
-                if ctrl(ctx, _EVP_CTRL_AEAD_SET_TAG, _TAG_SIZE, tag) != 1:
+                if length > len(ciphertext) or ctrl(ctx, _EVP_CTRL_AEAD_SET_TAG, _TAG_SIZE, tag) != 1:
                     raise ValueError("EVP_CIPHER_CTX_ctrl refused the tag")
-                rest = ctypes.create_string_buffer(_TAG_SIZE)  # a stream AEAD's final writes nothing
-                if final(ctx, rest, ctypes.byref(written)) != 1:
+                if final(ctx, ctypes.addressof(out) + length, count) != 1:
                     return None  # the tag does not verify
-                return out.raw[:length] + rest.raw[: written.value]
+                return out.raw[: length + written.value]
             finally:
                 ctx_free(ctx)  # also wipes the key schedule
 
