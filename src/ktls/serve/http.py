@@ -292,10 +292,11 @@ def _resolve_with_status(
     ``os.path.realpath`` as before. A component that does not exist ends the walk: ``realpath`` would name
     a path that does not exist either, and both answer 404."""
     path, info = root, None
+    base = root.rstrip(b"/")  # the path so far, without a trailing slash ("" for the root "/")
     for component in components:
         if component == b".":
             continue
-        path = os.path.join(path, component)
+        base = path = base + b"/" + component  # os.path.join's result: no component holds a slash
         try:
             info = os.lstat(path)
         except OSError:
@@ -461,8 +462,10 @@ def _content_type(name: bytes) -> str:
     """The type ``mimetypes`` guesses from a file's name. ``guess_type`` reads no more of a name than its last
     two extensions (the last one, mapped by ``suffix_map`` or stripped as an encoding, then the one before),
     so the guess is remembered by those two: a directory of ``f1.txt`` … ``f9999.txt`` asks once."""
-    text = os.fsdecode(name)
-    rest, last = os.path.splitext(text)
+    dot = name.rfind(b".")
+    if dot > 0 and name.count(b".") == 1:
+        return _type_by_extensions(os.fsdecode(name[dot:]))  # "stem.ext": the usual name, and splitext's answer
+    rest, last = os.path.splitext(os.fsdecode(name))
     return _type_by_extensions(os.path.splitext(rest)[1] + last)
 
 
