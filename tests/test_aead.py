@@ -15,7 +15,7 @@ connection's own (:mod:`ktls.tls.proof`). Two ways it could be wrong, and what c
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import pytest
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ktls.tls import libcrypto
 from ktls.tls.aead import AuthenticationFailed, authenticate, can_open, open_aead
 from ktls.tls.aria import ARIA
 from ktls.tls.suites import AEADS, AES128_CCM, AES128_GCM, AES256_GCM, ARIA128_GCM, ARIA256_GCM, CHACHA20_POLY1305, Aead
@@ -51,6 +52,20 @@ SEALERS: dict[str, tuple[Aead, Callable[[bytes], Sealer]]] = {
 NAMES = sorted(SEALERS)
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["libcrypto", "python"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs twice: AES-GCM and ChaCha20-Poly1305 opened by the ``libcrypto`` that ``ssl`` runs on
+    (:mod:`ktls.tls.libcrypto`), then all six AEADs by the pure-Python code it falls back to."""
+    if request.param == "libcrypto":
+        if libcrypto.opener(AES128_GCM.name) is None:
+            pytest.skip("no libcrypto reachable here: only the pure-Python AEADs")
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(libcrypto, "opener", lambda name: None)
+        yield request.param
 
 
 def seal(name: str, key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:

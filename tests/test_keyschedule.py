@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import hmac
 import json
 import os
 import ssl
@@ -32,12 +33,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.x509.oid import NameOID
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ktls.constants import ContentType, HandshakeType, TLSVersion
 from ktls.errors import CipherUnavailable
 from ktls.kernel.uapi import CipherType, CryptoInfo
+from ktls.tls import keyschedule
 from ktls.tls.keylog import ConnectionSecrets, KeylogLabel, KeylogParser
 from ktls.tls.keyschedule import (
     KeyBlock,
@@ -819,3 +821,12 @@ def _capture_main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _capture_main(sys.argv[1:])
+
+
+@pytest.mark.parametrize("hash_name", ["sha256", "sha384"])
+@settings(max_examples=200, deadline=None)
+@given(key=st.binary(max_size=300), message=st.binary(max_size=300))
+def test_hmac_from_hash_copies_is_hmac(hash_name: HashName, key: bytes, message: bytes) -> None:
+    # Catches: a pad, block size or long-key rule of RFC 2104 got wrong in the copy-based HMAC that every
+    # HKDF and PRF step runs on (keys longer than a block are hashed first: up to 300 bytes here).
+    assert keyschedule._hmac(key, message, hash_name) == hmac.digest(key, message, hash_name)

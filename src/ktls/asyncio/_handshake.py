@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Generator
+import sys
+from collections.abc import Awaitable, Generator
 from typing import TypeVar
 
 from ..core import driver
@@ -93,13 +94,24 @@ async def handshake(
         require_kernel=require_kernel,
     )
     try:
-        established = await asyncio.wait_for(run(loop, sock, steps), timeout)
+        established = await _within(run(loop, sock, steps), timeout)
     except asyncio.TimeoutError:
         raise ConnectionAbortedError(
             f"SSL handshake is taking longer than {timeout} seconds: aborting the connection"
         ) from None
     connection = driver.take_over(sock, established, expect_no_pad=expect_no_pad, require_kernel=require_kernel)
     return established.handshake, connection
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
+        """``asyncio.wait_for`` without a task of its own: ``asyncio.timeout`` cancels the awaiting task."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+    _within = asyncio.wait_for
 
 
 def _set_result_once(waiter: asyncio.Future[None]) -> None:

@@ -40,10 +40,10 @@ import dataclasses
 import ssl
 from collections.abc import Callable
 
-from ..constants import RECORD_HEADER_SIZE, ContentType, HandshakeType, TLSVersion
+from ..constants import MAX_CIPHERTEXT_TLS12, RECORD_HEADER_SIZE, ContentType, HandshakeType, TLSVersion
 from ..errors import KernelTLSUnavailable
 from ..tls.proof import HandshakeEvidence
-from ..tls.records import HANDSHAKE_HEADER_SIZE, RecordReader, whole_records_length
+from ..tls.records import HANDSHAKE_HEADER_SIZE, RecordReader, parse_record_header, whole_records_length
 from ..tls.suites import suite_by_openssl_name
 
 __all__ = ["HELLO_RETRY_REQUEST_RANDOM", "MAX_EVIDENCE_RECORDS", "Handshake", "HandshakeResult"]
@@ -73,6 +73,12 @@ HELLO_RETRY_REQUEST_RANDOM = bytes.fromhex("CF21AD74E59A6111BE1D8C021E65B891C2A2
 MAX_EVIDENCE_RECORDS = 64
 
 _HELLO_BODY_PREFIX = 2 + 32  # legacy_version, random (RFC 8446 §4.1.2, RFC 5246 §7.4.1.2)
+_CONTENT_TYPES = frozenset(int(content_type) for content_type in ContentType)
+_CHANGE_CIPHER_SPEC, _HANDSHAKE, _APPLICATION_DATA = (
+    int(ContentType.CHANGE_CIPHER_SPEC),
+    int(ContentType.HANDSHAKE),
+    int(ContentType.APPLICATION_DATA),
+)
 
 
 class _HelloReader:
@@ -86,6 +92,7 @@ class _HelloReader:
 
     def __init__(self, hello: HandshakeType) -> None:
         self._hello = hello
+        self._hello_type = int(hello)
         self._buffer = bytearray()  # the current message's header, then (for a hello) its first body bytes
         self._body_left = 0  # bytes of the current message's body still to come
         self._is_hello = False
@@ -94,7 +101,23 @@ class _HelloReader:
         self.randoms: list[bytes] = []
 
     def feed(self, fragment: bytes) -> None:
-        view = memoryview(fragment)
+        start, size = 0, len(fragment)
+        # Between messages, each message that lies whole in this fragment is read where it is (the usual case:
+        # a hello alone in its record); a message cut by the fragment's end goes through the buffer below.
+        while self._body_left == 0 and not self._buffer and size - start >= HANDSHAKE_HEADER_SIZE:
+            end = (
+                start
+                + HANDSHAKE_HEADER_SIZE
+                + int.from_bytes(fragment[start + 1 : start + HANDSHAKE_HEADER_SIZE], "big")
+            )
+            if end > size:
+                break
+            hello = fragment[start] == self._hello_type and end - start >= HANDSHAKE_HEADER_SIZE + _HELLO_BODY_PREFIX
+            if hello and len(self.randoms) < 2:  # (_message_ended's rules)
+                body = start + HANDSHAKE_HEADER_SIZE
+                self.randoms.append(fragment[body + 2 : body + _HELLO_BODY_PREFIX])
+            start = end
+        view = memoryview(fragment)[start:]
         while view:
             if self._body_left == 0 and len(self._buffer) < HANDSHAKE_HEADER_SIZE:
                 take = HANDSHAKE_HEADER_SIZE - len(self._buffer)
@@ -131,10 +154,14 @@ class _HelloReader:
 class _RecordScanner:
     """Cuts one direction's byte stream into records and remembers what the hand-off needs from them: the
     hello randoms (from the plaintext handshake messages) and the first protected records (the evidence that
-    :mod:`ktls.tls.proof` checks the key log's secrets against)."""
+    :mod:`ktls.tls.proof` checks the key log's secrets against).
+
+    Every header is checked as :func:`~ktls.tls.records.parse_record_header` does (with its errors); a
+    record is read by its type byte and length alone, with no object made for it (a handshake passes some
+    fifteen records through here, twice each way)."""
 
     def __init__(self, hello: HandshakeType) -> None:
-        self._reader = RecordReader()
+        self._pending = b""  # the start of a record whose end has not been fed yet
         self._hellos = _HelloReader(hello)
         self.seen_change_cipher_spec = False
         self.seen_protected = False  # TLS 1.3: a record of outer type application_data (encrypted)
@@ -155,22 +182,33 @@ class _RecordScanner:
         return self._hellos.randoms
 
     def feed(self, data: bytes) -> None:
-        self._reader.feed(data)
-        for record in self._reader:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        offset, size = 0, len(data)
+        while size - offset >= RECORD_HEADER_SIZE:
+            content_type = data[offset]
+            length = data[offset + 3] << 8 | data[offset + 4]
+            if data[offset + 1] != 3 or content_type not in _CONTENT_TYPES or length > MAX_CIPHERTEXT_TLS12:
+                parse_record_header(data[offset : offset + RECORD_HEADER_SIZE])  # raises its error
+            end = offset + RECORD_HEADER_SIZE + length
+            if end > size:
+                break
             self.records += 1
-            content_type = record.content_type
             if self.seen_change_cipher_spec and self.first_after_change_cipher_spec is None:
-                self.first_after_change_cipher_spec = bytes(record)
-            if content_type is ContentType.APPLICATION_DATA:
+                self.first_after_change_cipher_spec = data[offset:end]
+            if content_type == _APPLICATION_DATA:
                 self.seen_protected = True
                 self.protected_count += 1
                 if len(self.protected) < MAX_EVIDENCE_RECORDS:
-                    self.protected.append(bytes(record))
-            elif content_type is ContentType.CHANGE_CIPHER_SPEC:
+                    self.protected.append(data[offset:end])
+            elif content_type == _CHANGE_CIPHER_SPEC:
                 self.seen_change_cipher_spec = True
-            elif content_type is ContentType.HANDSHAKE and self._plaintext_handshake:
-                self._hellos.feed(bytes(record.fragment))
+            elif content_type == _HANDSHAKE and self._plaintext_handshake:
+                self._hellos.feed(data[offset + RECORD_HEADER_SIZE : end])
                 self.hello_retry = self.hello_retry or HELLO_RETRY_REQUEST_RANDOM in self.hello_randoms
+            offset = end
+        if offset < size:
+            self._pending = data[offset:]
 
     @property
     def _plaintext_handshake(self) -> bool:
@@ -219,6 +257,7 @@ class Handshake:
         self._first_ticket: int | None = None  # TLS 1.3 server: index of its first ticket record
         #: Records OpenSSL wrote during the latest :meth:`step` (TLS 1.3 server: its tickets).
         self.last_step_records = 0
+        self._result: HandshakeResult | None = None  # once complete, what result() found
 
     # -- incoming -----------------------------------------------------------------------------------------------
 
@@ -351,6 +390,11 @@ class Handshake:
         if not self.complete:
             raise RuntimeError("the handshake is not complete")
         self._drain_output()
+        if self._result is None:
+            self._result = self._hand_off_facts()
+        return self._result
+
+    def _hand_off_facts(self) -> HandshakeResult:
         version_name = self.ssl_object.version()
         cipher = self.ssl_object.cipher()
         if cipher is None or version_name not in ("TLSv1.2", "TLSv1.3"):

@@ -19,9 +19,11 @@ what is appended, and hand each connection its own lines by client random (:clas
 * **A key log that forgets.** Every byte is released from the memory file as soon as it has been read
   (``fallocate(FALLOC_FL_PUNCH_HOLE)`` over the read range: the pages are freed, later ``O_APPEND`` writes
   still land at the end), so the file holds only lines not read yet — never past connections' secrets, even
-  while a stalled handshake keeps the file from being truncated. When no claim is in flight and everything
-  has been read, the file is also truncated to zero. Lines read but not taken are bounded by the parser;
-  a claim that ends without taking its lines discards them; taken secrets are wiped once keys are derived.
+  while a stalled handshake keeps the file from being truncated. A read made while no other claim is in flight
+  truncates the file to zero instead (one syscall; no ktls connection's line can be lost, since every ktls
+  handshake that could log one is in flight), and so does the end of the last claim in flight if lines were
+  read meanwhile. Lines read but not taken are bounded by the parser; a claim that ends without taking its
+  lines discards them; taken secrets are wiped once keys are derived.
 * **fork.** A child process gets its own memory file for every capture (``os.register_at_fork``): the
   file descriptor is shared with the parent otherwise, and one side's reads, holes and truncation would
   take lines the other is waiting for.
@@ -183,7 +185,7 @@ class KeylogCapture:
         with self._lock:
             if claim.client_random is None:
                 raise KernelTLSUnavailable(None, "the handshake's client random was never seen")
-            self._read_new()
+            self._read_new(alone=self._live <= {claim})
             if claim.refusal is not None:
                 self._forget(claim)
                 raise KernelTLSUnavailable(None, claim.refusal)
@@ -206,7 +208,7 @@ class KeylogCapture:
                     del self._bound[random]
         if not claim.taken and claim.randoms:
             # A handshake that failed, was refused, or never got as far as taking: its lines are nobody's.
-            self._read_new()
+            self._read_new(alone=not self._live)
             self._forget(claim)
 
     def _forget(self, claim: SecretClaim) -> None:
@@ -216,7 +218,10 @@ class KeylogCapture:
 
     # -- the memory file ------------------------------------------------------------------------------------------
 
-    def _read_new(self) -> None:
+    def _read_new(self, *, alone: bool) -> None:
+        """Read what was appended, and release it from the memory file at once: by truncating the file when
+        no other claim is in flight (``alone``: no ktls handshake can be about to log a line it waits for),
+        else by punching a hole over it."""
         read_any = False
         while chunk := os.pread(self._fd, _READ_CHUNK, self._offset):
             self._offset += len(chunk)
@@ -224,7 +229,14 @@ class KeylogCapture:
             if self._forward_to is not None:
                 self._forward(chunk)
             read_any = True
-        if read_any:
+            if len(chunk) < _READ_CHUNK:
+                break  # the end of the file as it is now: asking again would only read nothing
+        if not read_any:
+            return
+        if alone:
+            os.ftruncate(self._fd, 0)  # one syscall where a hole and the truncation at the claim's end were three
+            self._offset = 0
+        else:
             _punch_hole(self._fd, self._offset)
 
     def _forward(self, chunk: bytes) -> None:
@@ -235,12 +247,15 @@ class KeylogCapture:
             self._forward_to = None  # the user's log went away; never fail a connection for it
 
     def _maybe_truncate(self) -> None:
-        if self._live:
+        """At the end of a claim: with none left in flight, truncate the file (nothing in it is waiting). A read
+        made alone has truncated already (``_offset`` 0): then there is nothing to do."""
+        if self._live or not self._offset:
             return
-        self._read_new()
-        if os.fstat(self._fd).st_size == self._offset and self._offset:
-            os.ftruncate(self._fd, 0)
-            self._offset = 0
+        if os.fstat(self._fd).st_size != self._offset:
+            self._read_new(alone=True)  # lines no claim waits for (another stack's connection): read, truncate
+            return
+        os.ftruncate(self._fd, 0)
+        self._offset = 0
 
     @classmethod
     def _after_fork_in_child(cls) -> None:

@@ -33,6 +33,7 @@ class ConnectionKeys:
             raise KernelTLSUnavailable(None, suite.unsupported_reason or f"no kernel cipher for {suite.openssl_name}")
         self.suite = suite
         self._secrets: dict[Direction, TrafficKeys | bytes] = {Direction.TX: tx, Direction.RX: rx}
+        self._keys: dict[Direction, TrafficKeys] = {}  # derived from a secret: each generation's, once
         self.generation = {Direction.TX: 0, Direction.RX: 0}
 
     @property
@@ -67,8 +68,13 @@ class ConnectionKeys:
 
     def traffic_keys(self, direction: Direction) -> TrafficKeys:
         """``direction``'s key and IV at the current generation."""
-        secret = self._secrets[direction]
-        return traffic_key_and_iv(secret, self.suite) if isinstance(secret, bytes) else secret
+        keys = self._keys.get(direction)
+        if keys is None:
+            secret = self._secrets[direction]
+            keys = self._keys[direction] = (
+                traffic_key_and_iv(secret, self.suite) if isinstance(secret, bytes) else secret
+            )
+        return keys
 
     def crypto_info(self, direction: Direction, rec_seq: int, explicit_nonce: int | None = None) -> CryptoInfo:
         """The kernel's crypto info for ``direction`` at the current generation."""
@@ -80,6 +86,7 @@ class ConnectionKeys:
         if not isinstance(secret, bytes) or self.version is not TLSVersion.TLS1_3:
             raise ValueError("only TLS 1.3 traffic secrets can be updated")
         self._secrets[direction] = next_traffic_secret(secret, self.suite)
+        self._keys.pop(direction, None)
         self.generation[direction] += 1
         return self.crypto_info(direction, 0)
 

@@ -131,21 +131,24 @@ def setup_ulp(sock: socket.socket) -> None:
     Raises :class:`~ktls.errors.ULPUnavailable` when the kernel has no kTLS (built without ``CONFIG_TLS``,
     or the ``tls`` module cannot be loaded).
     """
-    with _translate_errors(
-        "setsockopt(TCP_ULP, 'tls')",
-        {
-            errno.ENOENT: (
-                ULPUnavailable,
-                "this kernel has no TLS upper-layer protocol: it was built without CONFIG_TLS, "
-                "or the 'tls' module is not loaded and cannot be",
-            ),
-            errno.ENOTCONN: (KernelTLSConfigError, "the TLS ULP needs a connected TCP socket"),
-            errno.EEXIST: (KernelTLSConfigError, "an upper-layer protocol is already attached to this socket"),
-            errno.ENOPROTOOPT: (ULPUnavailable, "this kernel has no TCP upper-layer protocols (TCP_ULP)"),
-        },
-        KernelTLSConfigError,
-    ):
+    try:
         sock.setsockopt(socket.SOL_TCP, TCP_ULP, b"tls")
+    except OSError as exc:  # (the messages are built only here: this runs once per connection)
+        _raise_translated(
+            exc,
+            "setsockopt(TCP_ULP, 'tls')",
+            {
+                errno.ENOENT: (
+                    ULPUnavailable,
+                    "this kernel has no TLS upper-layer protocol: it was built without CONFIG_TLS, "
+                    "or the 'tls' module is not loaded and cannot be",
+                ),
+                errno.ENOTCONN: (KernelTLSConfigError, "the TLS ULP needs a connected TCP socket"),
+                errno.EEXIST: (KernelTLSConfigError, "an upper-layer protocol is already attached to this socket"),
+                errno.ENOPROTOOPT: (ULPUnavailable, "this kernel has no TCP upper-layer protocols (TCP_ULP)"),
+            },
+            KernelTLSConfigError,
+        )
 
 
 def get_ulp(sock: socket.socket) -> str:
@@ -159,23 +162,26 @@ def set_crypto_info(sock: socket.socket, direction: Direction, info: CryptoInfo)
 
     A second call for the same direction is a TLS 1.3 rekey (Linux ≥ 6.14).
     """
-    what = f"{info.cipher.name} for {info.version.label} {direction.name}"
-    with _translate_errors(
-        f"setsockopt(SOL_TLS, TLS_{direction.name})",
-        {
-            errno.ENOENT: (CipherUnavailable, f"this kernel cannot load the crypto algorithm of {what}"),
-            errno.EINVAL: (CipherUnavailable, f"this kernel does not accept {what}"),
-            errno.EBUSY: (
-                RekeyUnsupported,
-                f"this kernel cannot replace the {direction.name} key (TLS 1.3 rekey needs Linux 6.14 or later)",
-            ),
-            errno.ENOPROTOOPT: (ULPUnavailable, "the TLS ULP is not attached to this socket (call setup_ulp)"),
-            errno.ENOTCONN: (KernelTLSConfigError, "kernel TLS needs a connected TCP socket"),
-            errno.EEXIST: (KernelTLSConfigError, f"{direction.name} is already configured on this socket"),
-        },
-        KernelTLSConfigError,
-    ):
+    try:
         sock.setsockopt(SOL_TLS, int(direction), info.pack())
+    except OSError as exc:  # (the messages are built only here: this runs once or twice per connection)
+        what = f"{info.cipher.name} for {info.version.label} {direction.name}"
+        _raise_translated(
+            exc,
+            f"setsockopt(SOL_TLS, TLS_{direction.name})",
+            {
+                errno.ENOENT: (CipherUnavailable, f"this kernel cannot load the crypto algorithm of {what}"),
+                errno.EINVAL: (CipherUnavailable, f"this kernel does not accept {what}"),
+                errno.EBUSY: (
+                    RekeyUnsupported,
+                    f"this kernel cannot replace the {direction.name} key (TLS 1.3 rekey needs Linux 6.14 or later)",
+                ),
+                errno.ENOPROTOOPT: (ULPUnavailable, "the TLS ULP is not attached to this socket (call setup_ulp)"),
+                errno.ENOTCONN: (KernelTLSConfigError, "kernel TLS needs a connected TCP socket"),
+                errno.EEXIST: (KernelTLSConfigError, f"{direction.name} is already configured on this socket"),
+            },
+            KernelTLSConfigError,
+        )
 
 
 def get_crypto_info(sock: socket.socket, direction: Direction) -> CryptoInfo | None:

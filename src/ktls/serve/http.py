@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import html
 import mimetypes
 import os
 import re
 import stat
+import time
 import urllib.parse
 from typing import ClassVar
 
@@ -66,8 +68,10 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
 _FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB (RFC 9110 §5.5)
 _ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*")  # RFC 9112 §3.2.1, printable ASCII only (RFC 3986)
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _RANGE_BOUND = re.compile(r"[0-9]{0,18}")
 _NO_BODY_STATUSES = frozenset({204, 304})  # and 1xx, which we never send
+_PRINTABLE = re.compile(rb"[\x20\x21\x23-\x7e]*")  # what printable() leaves as it is
 
 
 class BadRequest(ValueError):
@@ -173,7 +177,8 @@ def parse_request(head: bytes) -> Request:
     lines = head.split(b"\r\n")
     if len(lines) > 1 and not lines[-1]:
         lines.pop()  # the head given with its last line's CRLF
-    if any(b"\r" in line or b"\n" in line for line in lines):
+    unframed = head.replace(b"\r\n", b"")  # what is left of CR and LF once every line's CRLF is gone
+    if b"\r" in unframed or b"\n" in unframed:
         raise BadRequest("a bare CR or LF in the request head")  # RFC 9112 §2.2: lines end with CRLF here
     method, target, version = _request_line(lines[0])
     headers, hosts, lengths = _fields(lines[1:])
@@ -193,7 +198,7 @@ def _request_line(line: bytes) -> tuple[str, str, str]:
     method, target, version = parts
     if not _TOKEN.fullmatch(method):
         raise BadRequest(f"malformed method {printable(method[:40])!r}")
-    if not re.fullmatch(rb"HTTP/[0-9]\.[0-9]", version):
+    if not _VERSION.fullmatch(version):
         raise BadRequest(f"malformed version {printable(version[:20])!r}")
     if version not in (b"HTTP/1.0", b"HTTP/1.1"):
         raise BadRequest(f"unsupported version {version.decode('ascii')}", 505)
@@ -248,6 +253,8 @@ def printable(data: bytes | str) -> str:
     ASCII become escapes (``\\x1b``), so a request cannot forge log lines, fields or terminal codes. Applying
     it twice changes nothing more."""
     raw = data.encode("latin-1", "replace") if isinstance(data, str) else data
+    if _PRINTABLE.fullmatch(raw):
+        return raw.decode("ascii")  # nothing to escape (a request line, nearly always)
     return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x22 else f"\\x{b:02x}" for b in raw)
 
 
@@ -271,10 +278,43 @@ def _hidden(root: bytes, path: bytes) -> bool:
 def _resolve(root: bytes, components: list[bytes], show_hidden: bool) -> bytes | None:
     """The real path under ``root`` that ``components`` name (symlinks followed), or ``None`` when it would
     leave the root or is hidden."""
-    candidate = os.path.realpath(os.path.join(root, *components)) if components else root
-    if not _inside(root, candidate) or (not show_hidden and _hidden(root, candidate)):
+    found = _resolve_with_status(root, components, show_hidden)
+    return found[0] if found is not None else None
+
+
+def _resolve_with_status(
+    root: bytes, components: list[bytes], show_hidden: bool
+) -> tuple[bytes, os.stat_result | None] | None:
+    """:func:`_resolve`, and the path's status when it was read on the way (``None``: stat it).
+
+    ``root`` is already real (:func:`_real_root`), so only the components below it are looked at, one
+    ``lstat`` each; at the first symlink (or anything unusual) the whole path goes through
+    ``os.path.realpath`` as before. A component that does not exist ends the walk: ``realpath`` would name
+    a path that does not exist either, and both answer 404."""
+    path, info = root, None
+    base = root.rstrip(b"/")  # the path so far, without a trailing slash ("" for the root "/")
+    for component in components:
+        if component == b".":
+            continue
+        base = path = base + b"/" + component  # os.path.join's result: no component holds a slash
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None
+        if stat.S_ISLNK(info.st_mode):
+            candidate = os.path.realpath(os.path.join(root, *components))
+            if not _inside(root, candidate) or (not show_hidden and _hidden(root, candidate)):
+                return None
+            return candidate, None
+    if not show_hidden and _hidden(root, path):
         return None
-    return candidate
+    return path, info
+
+
+@functools.lru_cache(maxsize=16)
+def _real_root(root: bytes) -> bytes:
+    """The served directory with every symlink resolved, once per root (the server fixes its root at start)."""
+    return os.path.realpath(root)
 
 
 def _etag(info: os.stat_result) -> str:
@@ -363,19 +403,21 @@ def respond(request: Request, root: bytes | os.PathLike[str] | str, *, show_hidd
         response = error_response(405, "Method Not Allowed", f"{request.method} is not supported here")
         response.headers.append(("Allow", "GET, HEAD"))
         return response
-    root_path = os.path.realpath(os.fsencode(root))
+    root_path = _real_root(os.fsencode(root))
     target_path = urllib.parse.urlsplit(request.target).path
-    raw_path = urllib.parse.unquote_to_bytes(target_path)
+    raw_path = urllib.parse.unquote_to_bytes(target_path) if "%" in target_path else target_path.encode("ascii")
     components = [part for part in raw_path.split(b"/") if part]
     if b"\0" in raw_path or b".." in components or (not show_hidden and any(p.startswith(b".") for p in components)):
         return error_response(404, "Not Found", head_only=head_only)
-    path = _resolve(root_path, components, show_hidden)
-    try:
-        info = os.stat(path) if path is not None else None
-    except OSError:
-        info = None
-    if path is None or info is None:
+    found = _resolve_with_status(root_path, components, show_hidden)
+    if found is None:
         return error_response(404, "Not Found", head_only=head_only)
+    path, info = found
+    if info is None:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return error_response(404, "Not Found", head_only=head_only)
     if stat.S_ISDIR(info.st_mode):
         if not target_path.endswith("/"):
             response = error_response(301, "Moved Permanently", head_only=head_only)
@@ -402,10 +444,40 @@ def respond(request: Request, root: bytes | os.PathLike[str] | str, *, show_hidd
         raise
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(mtime: float) -> str:
+    """``email.utils.formatdate(mtime, usegmt=True)`` (RFC 9110 §5.6.7's IMF-fixdate), without its detour
+    through ``datetime`` and ``email.utils.format_datetime``."""
+    t = time.gmtime(mtime)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
+
+
+def _content_type(name: bytes) -> str:
+    """The type ``mimetypes`` guesses from a file's name. ``guess_type`` reads no more of a name than its last
+    two extensions (the last one, mapped by ``suffix_map`` or stripped as an encoding, then the one before),
+    so the guess is remembered by those two: a directory of ``f1.txt`` … ``f9999.txt`` asks once."""
+    dot = name.rfind(b".")
+    if dot > 0 and name.count(b".") == 1:
+        return _type_by_extensions(os.fsdecode(name[dot:]))  # "stem.ext": the usual name, and splitext's answer
+    rest, last = os.path.splitext(os.fsdecode(name))
+    return _type_by_extensions(os.path.splitext(rest)[1] + last)
+
+
+@functools.lru_cache(maxsize=256)
+def _type_by_extensions(extensions: str) -> str:
+    return mimetypes.guess_type("/x" + extensions)[0] or "application/octet-stream"
+
+
 def _file_response(request: Request, path: bytes, fd: int, info: os.stat_result, head_only: bool) -> Response:
     etag = _etag(info)
-    last_modified = email.utils.formatdate(info.st_mtime, usegmt=True)
-    content_type = mimetypes.guess_type(os.fsdecode(path))[0] or "application/octet-stream"
+    last_modified = _http_date(info.st_mtime)
+    content_type = _content_type(os.path.basename(path))
     headers = [
         ("Server", SERVER),
         ("Content-Type", content_type),

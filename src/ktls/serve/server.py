@@ -38,7 +38,8 @@ import socket
 import ssl
 import sys
 import time
-from typing import TextIO
+from collections.abc import Awaitable
+from typing import TextIO, TypeVar
 
 from .. import asyncio as ktls_asyncio
 from ..kernel.probe import probe
@@ -55,6 +56,8 @@ access_log = logging.getLogger("ktls.serve.access")
 #: A file body goes out in steps of this many bytes, each bounded by ``send_timeout``: a client must take
 #: at least this much per timeout (1 MiB / 30 s ≈ 35 KB/s) or be cut off.
 SEND_CHUNK = 1024 * 1024
+#: File bodies up to this size are read and written with their head, in one record (``_Connection._send``).
+INLINE_BODY = 16 * 1024
 #: How long a graceful stop waits for responses in flight.
 STOP_GRACE = 5.0
 #: The stream reader pauses the socket once this much is buffered (asyncio's default limit is 64 KiB).
@@ -62,6 +65,20 @@ READ_LIMIT = 64 * 1024
 #: After our close_notify, how long a connection may wait for the client's (asyncio's default is 30 s): a
 #: client that keeps its side open holds a connection slot no longer than this.
 CLOSE_TIMEOUT = 5.0
+
+
+_T = TypeVar("_T")
+
+if sys.version_info >= (3, 11):
+
+    async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
+        """``asyncio.wait_for`` without its extra task per call: ``asyncio.timeout`` cancels this very task at
+        the deadline (raising ``TimeoutError``, as ``wait_for`` does)."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+    _within = asyncio.wait_for
 
 
 def _listener(config: ServeConfig) -> socket.socket:
@@ -123,7 +140,7 @@ class _Connection:
         a client cannot stretch it by sending a byte just before each read would time out."""
         if not self._buffer:
             try:
-                first = await asyncio.wait_for(self.reader.read(READ_LIMIT), self.config.idle_timeout)
+                first = await _within(self.reader.read(READ_LIMIT), self.config.idle_timeout)
             except asyncio.TimeoutError:
                 return None
             if not first:
@@ -150,7 +167,7 @@ class _Connection:
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(self.reader.read(READ_LIMIT), remaining)
+            return await _within(self.reader.read(READ_LIMIT), remaining)
         except asyncio.TimeoutError:
             raise TimeoutError(f"{what} not complete within {self.config.head_timeout:g} s") from None
 
@@ -191,32 +208,47 @@ class _Connection:
         response = error.response(head_only=head_only)
         self.writer.write(response.head(keep_alive=False) + (response.body if response.has_body else b""))
         with contextlib.suppress(OSError, asyncio.TimeoutError):
-            await asyncio.wait_for(self.writer.drain(), self.config.send_timeout)
+            await self._drained(self.config.send_timeout)
 
     async def _send(self, response: Response, keep_alive: bool) -> tuple[bool, int]:
         """Head, then body (a file region by sendfile, ``SEND_CHUNK`` at a time). Returns (whether the whole
         body went out, bytes of body sent). Bounded like nginx's send_timeout: each step — the head with a
         small body, or one chunk of a file — must be done within ``send_timeout``; a client that stops
-        reading is cut off then, however large the file."""
+        reading is cut off then, however large the file.
+
+        A file body of at most ``INLINE_BODY`` bytes is read (one ``pread``) and goes out with its head in one
+        write: one record and one ``send`` where ``sendfile`` would cost a second record, a second syscall
+        and asyncio's sendfile machinery for a few pages."""
         timeout = self.config.send_timeout
         head = response.head(keep_alive)
         if response.file is None or not response.has_body:
             self.writer.write(head + (response.body if response.has_body else b""))
-            await asyncio.wait_for(self.writer.drain(), timeout)
+            await self._drained(timeout)
             return True, response.body_length
         region = response.file
+        if region.length <= INLINE_BODY:
+            body = os.pread(region.fd, region.length, region.offset)  # short if the file shrank
+            self.writer.write(head + body)
+            await self._drained(timeout)
+            return len(body) == region.length, len(body)
         self.writer.write(head)
-        await asyncio.wait_for(self.writer.drain(), timeout)  # bounded even when the body is empty
+        await self._drained(timeout)
         sent = 0
         with open(region.fd, "rb", closefd=False) as file:  # the response owns the descriptor
             while sent < region.length:
                 want = min(SEND_CHUNK, region.length - sent)
                 step = ktls_asyncio.sendfile(self.writer.transport, file, region.offset + sent, want)
-                done = await asyncio.wait_for(step, timeout)
+                done = await _within(step, timeout)
                 sent += done
                 if done < want:
                     break  # the file ended early: it shrank
         return sent == region.length, sent
+
+    async def _drained(self, timeout: float) -> None:
+        """``writer.drain()`` within ``timeout`` — skipped when the transport holds nothing unsent (the usual
+        case: a write goes straight to the socket), which costs no wait and no timer."""
+        if self.writer.transport.get_write_buffer_size():
+            await _within(self.writer.drain(), timeout)
 
 
 class _Worker:

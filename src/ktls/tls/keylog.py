@@ -31,6 +31,7 @@ traceback printing an entry never leaks a key.
 
 from __future__ import annotations
 
+import binascii
 import collections
 import dataclasses
 import enum
@@ -125,6 +126,7 @@ _TLS13_SECRET_SIZES = frozenset({32, 48})  # Hash.length: SHA-256 / SM3, SHA-384
 
 # Label, client random, secret: hex only, an even number of digits, separated by blanks. A strict match
 # (not str.split + bytes.fromhex, which accepts spaces inside the hex) is what makes junk skippable.
+_LABELS = {label.value.encode("ascii"): label for label in KeylogLabel}
 _LINE = re.compile(rb"[ \t]*([A-Z][A-Z0-9_]*)[ \t]+([0-9A-Fa-f]{64})[ \t]+((?:[0-9A-Fa-f]{2})+)[ \t]*\r?")
 
 
@@ -148,21 +150,24 @@ def parse_keylog_line(line: bytes | str) -> KeylogEntry | None:
             line = line.encode("ascii")
         except UnicodeEncodeError:
             return None
-    line = line.rstrip(b"\n")
+    parsed = _parse_line(line.rstrip(b"\n"))
+    return None if parsed is None else KeylogEntry(*parsed)
+
+
+def _parse_line(line: bytes) -> tuple[KeylogLabel, bytes, Secret] | None:
+    """:func:`parse_keylog_line` of a line without its ``\\n``, as (label, client random, secret)."""
     if len(line) > MAX_LINE:
         return None
     match = _LINE.fullmatch(line)
     if match is None:
         return None
-    try:
-        label = KeylogLabel(match[1].decode("ascii"))
-    except ValueError:
+    label = _LABELS.get(match[1])
+    if label is None:
         return None  # a label we do not use (RSA, ECH_SECRET, …)
-    secret = bytes.fromhex(match[3].decode("ascii"))
-    sizes = _MASTER_SECRET_SIZES if label is KeylogLabel.CLIENT_RANDOM else _TLS13_SECRET_SIZES
-    if len(secret) not in sizes:
+    secret = binascii.unhexlify(match[3])
+    if len(secret) not in (_MASTER_SECRET_SIZES if label is KeylogLabel.CLIENT_RANDOM else _TLS13_SECRET_SIZES):
         return None
-    return KeylogEntry(label, bytes.fromhex(match[2].decode("ascii")), Secret(secret))
+    return label, binascii.unhexlify(match[2]), Secret(secret)
 
 
 def iter_keylog(data: bytes | str) -> Iterator[KeylogEntry]:
@@ -264,11 +269,13 @@ class KeylogParser:
                 if self._discarding:  # this piece ends an overlong line
                     self._discarding = False
                     continue
-                line = bytes(self._partial) + piece
-                self._partial.clear()
-                entry = parse_keylog_line(line)
-                if entry is not None:
-                    self._add(entry)
+                line = piece
+                if self._partial:
+                    line = bytes(self._partial) + piece
+                    self._partial.clear()
+                parsed = _parse_line(line)
+                if parsed is not None:
+                    self._add(*parsed)
                     indexed += 1
             if not self._discarding:
                 self._partial += tail
@@ -277,21 +284,21 @@ class KeylogParser:
                     self._discarding = True
         return indexed
 
-    def _add(self, entry: KeylogEntry) -> None:
-        secrets = self._index.get(entry.client_random)
+    def _add(self, label: KeylogLabel, client_random: bytes, secret: Secret) -> None:
+        secrets = self._index.get(client_random)
         if secrets is None:
             if len(self._index) >= self._max_connections:
                 evicted, _ = self._index.popitem(last=False)
                 self._ambiguous.discard(evicted)
                 self.evicted += 1
-            secrets = self._index[entry.client_random] = {}
+            secrets = self._index[client_random] = {}
         else:
-            self._index.move_to_end(entry.client_random)
-        known = secrets.get(entry.label)
+            self._index.move_to_end(client_random)
+        known = secrets.get(label)
         if known is None:
-            secrets[entry.label] = entry.secret
-        elif known != entry.secret:
-            self._ambiguous.add(entry.client_random)  # class docstring: no "latest wins"
+            secrets[label] = secret
+        elif known != secret:
+            self._ambiguous.add(client_random)  # class docstring: no "latest wins"
 
     def take(self, client_random: bytes, *, require: Iterable[KeylogLabel] = ()) -> ConnectionSecrets | None:
         """Remove and return the secrets logged for ``client_random``.

@@ -68,6 +68,7 @@ _RANDOM_SIZE = 32
 _HELLO_PREFIX = _RANDOM_OFFSET + _RANDOM_SIZE  # bytes of a hello needed to read its random: 38
 
 _Bytes = bytes | bytearray | memoryview
+_CONTENT_TYPES = frozenset(int(content_type) for content_type in ContentType)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +116,15 @@ def whole_records_length(
     ``max_records`` of them. Each header is checked as :func:`parse_record_header` does, with its errors."""
     end = 0
     records = 0
-    while len(data) - end >= RECORD_HEADER_SIZE and (max_records is None or records < max_records):
+    size = len(data)
+    while size - end >= RECORD_HEADER_SIZE and (max_records is None or records < max_records):
         records += 1
-        header = parse_record_header(data[end : end + RECORD_HEADER_SIZE], max_length=max_length)
-        if len(data) - end - RECORD_HEADER_SIZE < header.length:
+        length = data[end + 3] << 8 | data[end + 4]
+        if data[end + 1] != 3 or data[end] not in _CONTENT_TYPES or length > max_length:
+            parse_record_header(data[end : end + RECORD_HEADER_SIZE], max_length=max_length)  # raises its error
+        if size - end - RECORD_HEADER_SIZE < length:
             break
-        end += RECORD_HEADER_SIZE + header.length
+        end += RECORD_HEADER_SIZE + length
     return end
 
 
