@@ -19,6 +19,7 @@ import http.server
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import ssl
@@ -235,16 +236,29 @@ def tls_client(port: int, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> s
 
 
 def echo_exchange(sock: ssl.SSLSocket | socket.socket, payload: bytes) -> bytes:
-    """Send ``payload`` (on a thread) while reading as many bytes back."""
-    sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
-    sender.start()
-    received = bytearray()
-    while len(received) < len(payload):
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            break
-        received += chunk
-    sender.join(TIMEOUT)
+    """Send ``payload`` while reading as many bytes back, in one thread: an ``ssl.SSLSocket`` must not be
+    written by one thread while another reads it (OpenSSL's ``SSL`` objects are not thread-safe; two threads
+    corrupted the client's stream about one run in six here)."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    view, received = memoryview(payload), bytearray()
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while len(received) < len(payload) and time.monotonic() < deadline:
+            progressed = False
+            if view:
+                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    view = view[sock.send(view[:65536]) :]
+                    progressed = True
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                if not (chunk := sock.recv(1 << 20)):
+                    break
+                received += chunk
+                progressed = True
+            if not progressed:
+                select.select([sock], [sock] if view else [], [], 1.0)
+    finally:
+        sock.settimeout(timeout)
     return bytes(received)
 
 
