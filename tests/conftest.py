@@ -8,6 +8,7 @@ without kTLS is a failure of the bench, not a skip.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 from collections.abc import Iterator
@@ -27,6 +28,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     for item in kernel_items:
         item.add_marker(pytest.mark.skip(reason=NEEDS_KERNEL))
+
+
+#: Seconds past pytest-timeout's limit after which a test still running ends the whole process.
+HARD_BOUND_MARGIN = 60.0
+
+
+@pytest.fixture(autouse=True)
+def _hard_bound(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A second bound under pytest-timeout's: its ``SIGALRM`` raises wherever the main thread is, and when that
+    is an asyncio callback the loop logs the exception and runs on (a 5.10 guest once waited 14 minutes so).
+    ``HARD_BOUND_MARGIN`` seconds later faulthandler prints every thread's stack and ends the process."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout") or 0)
+    if limit <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(limit + HARD_BOUND_MARGIN, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")

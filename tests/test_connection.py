@@ -310,3 +310,14 @@ def test_application_data_interrupting_a_tls13_handshake_message_ends_the_connec
 def test_version_is_the_stdlib_enum() -> None:
     assert kernel_connection(TLS13).version is ssl.TLSVersion.TLSv1_3
     assert kernel_connection(TLS12).version is ssl.TLSVersion.TLSv1_2
+
+
+def test_read_by_recvmsg_tells_recvmsg_from_splice() -> None:
+    """``ktls.splice`` copies after the first ``recvmsg`` of application data on Linux < 5.16 (it could pass over
+    what ``recvmsg`` left in the kernel): the core tells the two kinds of read apart."""
+    connection = kernel_connection()
+    assert not connection.read_by_recvmsg
+    assert connection.spliced_data() == []
+    assert not connection.read_by_recvmsg
+    assert connection.application_data() == []
+    assert connection.read_by_recvmsg

@@ -14,8 +14,10 @@ kernel's AES-GCM runs at about 10 MiB/s, so those take a few seconds each. The r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.server
+import ipaddress
 import os
 import re
 import resource
@@ -35,16 +37,9 @@ import pytest
 
 from certs import CertFiles
 from ktls.kernel import probe
-from ktls.kernel.probe import kernel_version as _kernel_version
 from ktls.proxy import proxy_header
 from raw_tls13 import ALERT, HANDSHAKE, RawTLS13Client, hkdf_expand_label, protection
 from support import free_port, wait_for_port
-
-#: ktls.splice uses the kernel's splice from Linux 6.1 (checked there on the wire); on 5.10 these guest tests
-#: hung, cause not found yet, so ktls copies there and the zero-copy tests do not apply.
-pytestmark = pytest.mark.skipif(
-    _kernel_version() < (6, 1), reason="ktls.splice copies on Linux < 6.1 (kernel splice of kTLS not verified there)"
-)
 
 TIMEOUT = 60.0
 MIB = int(os.environ.get("KTLS_PROXY_MIB", "32"))
@@ -181,7 +176,9 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def run_proxy(tmp_path: Path, backend_port: int, *extra: str, prefix: tuple[str, ...] = ()) -> Iterator[Proxy]:
+def run_proxy(
+    tmp_path: Path, backend_port: int, *extra: str, prefix: tuple[str, ...] = (), host: str = "127.0.0.1"
+) -> Iterator[Proxy]:
     port = free_port()
     log = tmp_path / f"proxy-{port}.log"
     command = [
@@ -191,7 +188,7 @@ def run_proxy(tmp_path: Path, backend_port: int, *extra: str, prefix: tuple[str,
         "ktls",
         "proxy",
         "--listen",
-        f"127.0.0.1:{port}",
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "--backend",
         f"127.0.0.1:{backend_port}",
         *extra,
@@ -199,7 +196,7 @@ def run_proxy(tmp_path: Path, backend_port: int, *extra: str, prefix: tuple[str,
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_port(port, process)
+        wait_for_port(port, process, host)
         yield Proxy(process, port, log)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -235,6 +232,21 @@ def tls_client(port: int, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> s
     return context.wrap_socket(sock)
 
 
+def echo_in_turn(sock: ssl.SSLSocket | socket.socket, payload: bytes) -> bytes:
+    """Send ``payload``, then read as many bytes back, on this thread: an ``ssl.SSLSocket`` must not be read and
+    written from two threads at once (OpenSSL's ``SSL`` object is not thread-safe: under TLS 1.3 a read that
+    takes a NewSessionTicket while another thread writes was seen to end the connection with internal_error).
+    For payloads the relay's buffers hold (a few hundred KiB at most)."""
+    sock.sendall(payload)
+    received = bytearray()
+    while len(received) < len(payload):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
 def echo_exchange(sock: ssl.SSLSocket | socket.socket, payload: bytes) -> bytes:
     """Send ``payload`` while reading as many bytes back, in one thread: an ``ssl.SSLSocket`` must not be
     written by one thread while another reads it (OpenSSL's ``SSL`` objects are not thread-safe; two threads
@@ -263,6 +275,139 @@ def echo_exchange(sock: ssl.SSLSocket | socket.socket, payload: bytes) -> bytes:
 
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+# -- the PROXY protocol, read by a strict parser of its own ---------------------------------------------------
+
+PP2_SIGNATURE = bytes.fromhex("0d0a0d0a000d0a515549540a")  # proxy-protocol.txt §2.2
+PP1_MAX = 107  # §2.1: the longest v1 line, "PROXY UNKNOWN" with two IPv6 addresses, CRLF included
+_PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
+
+
+class ProxyHeaderError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedProxyHeader:
+    version: int
+    family: str  # "TCP4" or "TCP6" (v2: AF_INET/AF_INET6 over STREAM)
+    source: tuple[str, int]
+    destination: tuple[str, int]
+    size: int  # bytes the header took on the wire
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ProxyHeaderError(f"the connection ended inside the header, after {data!r}")
+        data += chunk
+    return data
+
+
+def _v1_address(text: bytes, family: bytes) -> str:
+    """§2.1: an address in its canonical form for the family (dotted quad; RFC 5952-style IPv6)."""
+    try:
+        address = ipaddress.ip_address(text.decode("ascii"))
+    except ValueError as exc:
+        raise ProxyHeaderError(f"address {text!r}: {exc}") from None
+    if address.version != (4 if family == b"TCP4" else 6) or str(address).encode() != text:
+        raise ProxyHeaderError(f"address {text!r} is not a canonical {family.decode()} address")
+    return str(address)
+
+
+def _v1_port(text: bytes) -> int:
+    if not _PORT.fullmatch(text) or int(text) > 65535:
+        raise ProxyHeaderError(f"port {text!r} is not a decimal in 0..65535 without leading zeros")
+    return int(text)
+
+
+def read_proxy_header(conn: socket.socket) -> ParsedProxyHeader:
+    """Read exactly one PROXY protocol header off ``conn``, nothing past it, and check every rule of HAProxy's
+    ``proxy-protocol.txt`` that a TCP header must follow; written from that text, independently of ktls."""
+    start = _recv_exactly(conn, 12)  # a v1 header is longer than the v2 signature
+    if start == PP2_SIGNATURE:
+        head = _recv_exactly(conn, 4)
+        version_command, family_protocol, length = struct.unpack("!BBH", head)
+        if version_command >> 4 != 2:
+            raise ProxyHeaderError(f"version {version_command >> 4}: v2 wants 2 in the high nibble")
+        if version_command & 0x0F != 1:
+            raise ProxyHeaderError(f"command {version_command & 0x0F}: a relayed connection is PROXY (1)")
+        if family_protocol not in (0x11, 0x21):
+            raise ProxyHeaderError(f"family/protocol {family_protocol:#04x}: TCP over IPv4 (0x11) or IPv6 (0x21)")
+        width = 4 if family_protocol == 0x11 else 16
+        block = _recv_exactly(conn, length)
+        if length < 2 * width + 4:
+            raise ProxyHeaderError(f"length {length} is shorter than the address block")
+        tlvs = block[2 * width + 4 :]
+        while tlvs:  # §2.2.7: type, 16-bit length, value; they must fill the rest exactly
+            if len(tlvs) < 3 or len(tlvs) < 3 + int.from_bytes(tlvs[1:3], "big"):
+                raise ProxyHeaderError(f"a TLV runs past the header: {tlvs!r}")
+            tlvs = tlvs[3 + int.from_bytes(tlvs[1:3], "big") :]
+        source = ipaddress.ip_address(block[:width])
+        destination = ipaddress.ip_address(block[width : 2 * width])
+        source_port, destination_port = struct.unpack("!HH", block[2 * width : 2 * width + 4])
+        family = "TCP4" if width == 4 else "TCP6"
+        return ParsedProxyHeader(
+            2, family, (str(source), source_port), (str(destination), destination_port), 16 + length
+        )
+    if not start.startswith(b"PROXY "):
+        raise ProxyHeaderError(f"neither a v1 line nor the v2 signature: {start!r}")
+    line = start
+    while not line.endswith(b"\r\n"):
+        if len(line) >= PP1_MAX:
+            raise ProxyHeaderError(f"no CRLF within {PP1_MAX} bytes: {line!r}")
+        line += _recv_exactly(conn, 1)
+    fields = line[:-2].split(b" ")
+    if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):  # single spaces: split gives empty fields
+        raise ProxyHeaderError(f"not 'PROXY TCP4|TCP6 src dst sport dport': {line!r}")
+    _, family_field, src, dst, sport, dport = fields
+    return ParsedProxyHeader(
+        1,
+        family_field.decode(),
+        (_v1_address(src, family_field), _v1_port(sport)),
+        (_v1_address(dst, family_field), _v1_port(dport)),
+        len(line),
+    )
+
+
+def test_the_strict_parser_refuses_what_the_spec_forbids() -> None:
+    """The test's own parser, against headers written by hand from the spec (and bent)."""
+
+    def parse(wire: bytes) -> ParsedProxyHeader:
+        near, far = socket.socketpair()
+        with near, far:
+            near.sendall(wire)
+            near.shutdown(socket.SHUT_WR)
+            far.settimeout(TIMEOUT)
+            return read_proxy_header(far)
+
+    line = b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n"
+    assert parse(line + b"GET") == ParsedProxyHeader(1, "TCP4", ("192.0.2.1", 56324), ("198.51.100.7", 443), 45)
+    six = b"PROXY TCP6 2001:db8::1 ::1 1 65535\r\n"
+    assert parse(six).source == ("2001:db8::1", 1)
+    v2 = PP2_SIGNATURE + bytes([0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 7, 0xDC, 0x04, 1, 0xBB])
+    assert parse(v2) == ParsedProxyHeader(2, "TCP4", ("192.0.2.1", 56324), ("198.51.100.7", 443), 28)
+    with_tlv = PP2_SIGNATURE + bytes([0x21, 0x11, 0, 17]) + v2[16:] + bytes([0x04, 0, 2, 0xAB, 0xCD])
+    assert parse(with_tlv).size == 33
+    for bad in (
+        line.replace(b"56324", b"056324"),  # a leading zero
+        line.replace(b"443", b"65536"),
+        line.replace(b" 198", b"  198"),  # two spaces
+        line.replace(b"TCP4", b"TCP6"),  # IPv4 addresses under TCP6
+        line.replace(b"192.0.2.1", b"192.000.2.1"),
+        line[:-2] + b"\n",  # LF alone
+        b"PROXY TCP4 " + b"1" * 120,
+        v2[:12] + bytes([0x11]) + v2[13:],  # version 1 in the v2 block
+        v2[:12] + bytes([0x20]) + v2[13:],  # LOCAL: not a relayed connection
+        v2[:13] + bytes([0x12]) + v2[14:],  # DGRAM
+        v2[:14] + bytes([0, 8]) + v2[16:24],  # shorter than the addresses
+        with_tlv[:-1],  # a TLV cut short
+    ):
+        with pytest.raises(ProxyHeaderError):
+            parse(bad)
 
 
 # -- pure ----------------------------------------------------------------------------------------------------
@@ -551,6 +696,159 @@ def test_backend_tls_plain_in_kernel_tls_out(tmp_path: Path, rsa_cert: CertFiles
     assert_kernel_did_it(line)
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe_sock:
+            probe_sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+class HeaderBackend(Backend):
+    """Reads each connection's PROXY header with the strict parser, then echoes (over TLS with ``context``)."""
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        self.headers: list[ParsedProxyHeader] = []
+        self.errors: list[Exception] = []
+        self.context = context
+        super().__init__(HeaderBackend._serve)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.headers.append(read_proxy_header(conn))
+        except (ProxyHeaderError, OSError) as exc:
+            self.errors.append(exc)
+            return
+        if self.context is None:
+            echo(self, conn)
+            return
+        with self.context.wrap_socket(conn, server_side=True) as tls:
+            while data := tls.recv(262144):
+                tls.sendall(data)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("family", ["TCP4", "TCP6"])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_protocol_on_the_wire(tmp_path: Path, rsa_cert: CertFiles, version: str, family: str) -> None:
+    """``--proxy-protocol v1|v2`` in front of a backend that reads the header with the strict parser above: the
+    client's own address and port arrive (and the proxy's, as destination), then the client's bytes, spliced by
+    the kernel, byte-exact both ways."""
+    host = "127.0.0.1" if family == "TCP4" else "::1"
+    if family == "TCP6" and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback address in this guest")
+    backend = HeaderBackend()
+    args = ("--proxy-protocol", version, "--cert", str(rsa_cert.cert), "--key", str(rsa_cert.key))
+    try:
+        with run_proxy(tmp_path, backend.port, *args, host=host) as proxy:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.load_verify_locations(rsa_cert.cert)
+            context.check_hostname = False
+            raw = socket.create_connection((host, proxy.port), timeout=TIMEOUT)
+            payload = os.urandom(64 << 10)
+            with context.wrap_socket(raw) as client:
+                source = client.getsockname()[:2]
+                assert echo_in_turn(client, payload) == payload
+            lines = wait_for_log(proxy, 1)  # (wait_for_port's connection never started TLS: no line)
+    finally:
+        backend.close()
+    assert not backend.errors, backend.errors
+    ours = [header for header in backend.headers if header.source == source]
+    assert ours == [ParsedProxyHeader(int(version[1]), family, source, (host, proxy.port), ours[0].size)]
+    assert_kernel_did_it(lines[-1])
+    assert f"up={len(payload)} down={len(payload)}" in lines[-1]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_protocol_before_the_backend_tls_handshake(tmp_path: Path, rsa_cert: CertFiles, version: str) -> None:
+    """``--backend-tls --proxy-protocol``: the header goes in the clear before the ClientHello; the backend reads
+    it (strict parser), then Python's ``ssl`` takes the rest of the stream, and the kernel encrypts the relay."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(rsa_cert.cert, rsa_cert.key)
+    backend = HeaderBackend(context)
+    args = ("--backend-tls", "--backend-ca", str(rsa_cert.cert), "--backend-name", "localhost")
+    try:
+        with run_proxy(tmp_path, backend.port, *args, "--proxy-protocol", version) as proxy:
+            payload = os.urandom(1 << 20)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as plain:
+                source = plain.getsockname()
+                assert echo_exchange(plain, payload) == payload
+            line = wait_for_log(proxy, 2)[-1]
+    finally:
+        backend.close()
+    assert not backend.errors, backend.errors
+    ours = [header for header in backend.headers if header.source == source]
+    assert ours == [ParsedProxyHeader(int(version[1]), "TCP4", source, ("127.0.0.1", proxy.port), ours[0].size)]
+    assert_kernel_did_it(line)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _tcp_sockets(port: int, state: str) -> set[int]:
+    """Inodes of the IPv4 TCP sockets on local ``port`` in ``state`` (``/proc/net/tcp``: 01 established,
+    0A listening)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == state:
+            inodes.add(int(fields[9]))
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+@pytest.mark.kernel
+def test_two_workers_both_serve(tmp_path: Path, echo_backend: Backend, rsa_cert: CertFiles) -> None:
+    """``--workers 2``: two processes each listen on the port (``SO_REUSEPORT``: two listening sockets in
+    ``/proc/net/tcp``), the kernel spreads connections over them, and each worker holds and relays some of
+    32 concurrent connections (seen from ``/proc``: whose descriptors the accepted sockets are), byte-exact."""
+    count = 32  # the kernel picks a listener by a hash of the 4-tuple: all on one has odds 2**-31
+    args = ("--workers", "2", "--cert", str(rsa_cert.cert), "--key", str(rsa_cert.key))
+    with run_proxy(tmp_path, echo_backend.port, *args) as proxy:
+        deadline = time.monotonic() + TIMEOUT
+        while len(_tcp_sockets(proxy.port, "0A")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_tcp_sockets(proxy.port, "0A")) == 2, "two listeners"
+        workers = _children(proxy.process.pid)
+        assert len(workers) == 2
+        clients = [tls_client(proxy.port) for _ in range(count)]
+        try:
+            for index, client in enumerate(clients):
+                payload = index.to_bytes(4, "big") * 4096
+                assert echo_in_turn(client, payload) == payload, f"client {index}: {proxy.log.read_text()}"
+            accepted = _tcp_sockets(proxy.port, "01")
+            held = {pid: len(_socket_inodes(pid) & accepted) for pid in workers}
+        finally:
+            for client in clients:
+                client.close()
+        lines = wait_for_log(proxy, count)
+    assert sum(held.values()) == count, held
+    assert all(held.values()), f"connections per worker: {held}"
+    assert len(lines) == count
+    for line in lines:
+        assert_kernel_did_it(line)
+        assert f"up={4 * 4096} down={4 * 4096} " in line
+
+
 # -- the host: the fallback relays by copy ---------------------------------------------------------------------
 
 
@@ -560,9 +858,9 @@ def test_fallback_relays_by_copy(tmp_path: Path, echo_backend: Backend, version:
     if KERNEL:
         pytest.skip("this machine has kTLS: the fallback is not taken")
     with run_proxy(tmp_path, echo_backend.port) as proxy:
-        payload = os.urandom(4 << 20)
+        payload = os.urandom(256 << 10)
         with tls_client(proxy.port, VERSIONS[version]) as client:
-            assert echo_exchange(client, payload) == payload
+            assert echo_in_turn(client, payload) == payload
         (line,) = wait_for_log(proxy, 1)
         assert "kernel TLS: no" in proxy.log.read_text()
     assert "kernel_tx=no kernel_rx=no" in line
@@ -596,10 +894,10 @@ def test_graceful_stop_lets_a_connection_finish(tmp_path: Path, echo_backend: Ba
     with run_proxy(tmp_path, echo_backend.port, "--stop-grace", "20") as proxy:
         client = tls_client(proxy.port)
         with client:
-            assert echo_exchange(client, b"before") == b"before"
+            assert echo_in_turn(client, b"before") == b"before"
             proxy.process.send_signal(signal.SIGTERM)
             time.sleep(0.5)
             with pytest.raises(ConnectionRefusedError):  # no longer accepting
                 socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
-            assert echo_exchange(client, b"after the stop") == b"after the stop"
+            assert echo_in_turn(client, b"after the stop") == b"after the stop"
         assert proxy.process.wait(TIMEOUT) == 0

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import errno
 import os
+import select
 import socket
 import ssl
 import threading
@@ -23,6 +24,7 @@ import pytest
 
 import ktls
 import ktls.asyncio
+import ktls.splice
 from certs import CertFiles
 from hostile_peer import TIMEOUT, Hostile, tls13_protection
 from ktls import Stream
@@ -33,12 +35,6 @@ from ktls.kernel.probe import kernel_version as _kernel_version
 from ktls.tls.suites import suite_by_openssl_name
 from reference_tls import OpenedRecord
 from support import contexts
-
-#: ktls.splice uses the kernel's splice from Linux 6.1 (checked there on the wire); on 5.10 these guest tests
-#: hung, cause not found yet, so ktls copies there and the zero-copy tests do not apply.
-pytestmark = pytest.mark.skipif(
-    _kernel_version() < (6, 1), reason="ktls.splice copies on Linux < 6.1 (kernel splice of kTLS not verified there)"
-)
 
 USER_CANCELED = bytes([1, 90])  # RFC 8446 §6.1: a warning-level alert that TLS 1.3 still allows
 CLOSE_NOTIFY = b"\x01\x00"
@@ -124,6 +120,72 @@ def test_what_splice_returns_at_a_control_record(case: Case, kind: str, support:
         assert record.data[0] == HandshakeType.KEY_UPDATE
 
 
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(TIMEOUT * 1000))
+
+
+@pytest.mark.kernel
+def test_what_a_nonblocking_splice_does(case: Case) -> None:
+    """The kernel fact behind ``ktls.splice.SPLICE_NONBLOCK_PEEKS``. Before Linux 5.14 ``tls_sw_splice_read``
+    advances only ``if (!(flags & MSG_PEEK))``, on the splice flags, where 0x2 is ``SPLICE_F_NONBLOCK``: a
+    non-blocking splice leaves the record queued and the next returns the same bytes (the 5.10 "hang": a relay
+    of the first record without end). From 5.14 (d8654f4f9300) it is consumed. A splice without the flag, into
+    a blocking pipe, consumes it on every kernel: what ktls does on the older ones."""
+    first, second = os.urandom(3000), os.urandom(2000)
+    case.hostile.sock.sendall(
+        case.hostile.seal(ContentType.APPLICATION_DATA, first) + case.hostile.seal(ContentType.APPLICATION_DATA, second)
+    )
+    read_fd, write_fd = os.pipe()  # blocking, both ends
+    fd = case.stream.fileno()
+    try:
+        assert _readable(fd)
+        nonblocking = os.splice(fd, write_fd, 65536, flags=os.SPLICE_F_NONBLOCK)
+        assert nonblocking == len(first)
+        assert os.read(read_fd, 65536) == first
+        assert _readable(fd)
+        again = os.splice(fd, write_fd, 65536, flags=os.SPLICE_F_NONBLOCK)
+        peeked = os.read(read_fd, 65536)
+        assert peeked in (first, second)
+        assert (peeked == first) is ktls.splice.SPLICE_NONBLOCK_PEEKS
+        assert ktls.splice.SPLICE_NONBLOCK_PEEKS is (_kernel_version() < (5, 14))
+        assert again == len(peeked)
+        if peeked == first:  # a blocking splice takes it for good; then the second record comes
+            assert os.splice(fd, write_fd, 65536) == len(first)
+            assert os.read(read_fd, 65536) == first
+            assert os.splice(fd, write_fd, 65536) == len(second)
+            assert os.read(read_fd, 65536) == second
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+@pytest.mark.kernel
+def test_nonblocking_splice_to_never_waits_for_the_rest_of_a_record(case: Case) -> None:
+    """A non-blocking stream: ``splice_to`` raises ``BlockingIOError`` while nothing, or only the first half of a
+    record, has arrived (on Linux < 5.14, where the splice itself cannot be non-blocking, the kernel may wait
+    one jiffy, never more), then moves the record whole, byte-exact."""
+    payload = os.urandom(10_000)
+    record = case.hostile.seal(ContentType.APPLICATION_DATA, payload)
+    case.stream.setblocking(False)
+    near, far = socket.socketpair()
+    with near, far:
+        far.settimeout(TIMEOUT)
+        with pytest.raises(BlockingIOError):
+            case.stream.splice_to(near.fileno(), 65536)
+        case.hostile.sock.sendall(record[:5000])
+        for _ in range(3):  # whatever the kernel has parsed of it by now
+            with pytest.raises(BlockingIOError):
+                case.stream.splice_to(near.fileno(), 65536)
+        case.hostile.sock.sendall(record[5000:])
+        assert _readable(case.stream.fileno())
+        assert case.stream.splice_to(near.fileno(), 65536) == len(payload)
+        assert far.recv(len(payload), socket.MSG_WAITALL) == payload
+        with pytest.raises(BlockingIOError):
+            case.stream.splice_to(near.fileno(), 65536)
+
+
 @pytest.mark.kernel
 @pytest.mark.parametrize("kind", ["alert", "ticket", "key_update"])
 def test_splice_to_delivers_every_byte_around_a_control_record(case: Case, kind: str, support: KernelSupport) -> None:
@@ -156,6 +218,25 @@ def test_splice_to_delivers_every_byte_around_a_control_record(case: Case, kind:
         assert case.stream.splice_to(sink, 100) == 0  # closed stays closed
     finally:
         os.close(sink)
+
+
+@pytest.mark.kernel
+def test_splice_to_after_recv_keeps_every_byte_in_order(case: Case) -> None:
+    """``recv`` first, then ``splice_to``: a ``recvmsg`` that ends inside a record leaves the rest of it decrypted
+    in the kernel (``rx_list``), and the splice must not pass over it (Linux < 5.16 would: there ktls copies
+    after a ``recv``); every byte arrives once, in order."""
+    chunks = [os.urandom(10_000) for _ in range(5)]
+    wire = b"".join(case.hostile.seal(ContentType.APPLICATION_DATA, chunk) for chunk in chunks)
+    case.hostile.sock.sendall(wire + case.hostile.seal(ContentType.ALERT, CLOSE_NOTIFY))
+    assert _readable(case.stream.fileno())
+    received = bytearray(case.stream.recv(100))
+    assert case.stream._connection.read_by_recvmsg
+    near, far = socket.socketpair()
+    with near, far:
+        far.settimeout(TIMEOUT)
+        while moved := case.stream.splice_to(near.fileno(), 1 << 20):
+            received += far.recv(moved, socket.MSG_WAITALL)
+    assert bytes(received) == b"".join(chunks)
 
 
 @pytest.mark.kernel
@@ -256,7 +337,7 @@ def test_transport_splices_both_ways_across_a_key_update(support: KernelSupport)
     reader = threading.Thread(target=lambda: records.extend(hostile.read_records()), daemon=True)
     reader.start()  # reads while the transport sends: the socket buffers cannot hold it all
     try:
-        received = asyncio.run(_async_relay(ours, keys, back))
+        received = asyncio.run(asyncio.wait_for(_async_relay(ours, keys, back), 6 * TIMEOUT))
         reader.join(TIMEOUT)
         sender.join(TIMEOUT)
     finally:

@@ -33,7 +33,7 @@ import pytest
 
 import ktls
 from certs import CertFiles
-from ktls.kernel import KernelSupport, kernel_version
+from ktls.kernel import KernelSupport
 from support import Background, free_port, kernel_refusal, wait_for_port
 from test_stream_interop import offer_tls13_suites
 
@@ -220,11 +220,6 @@ def test_gnutls_cli_with_our_server(
             ours = f"our server read {len(received)} of {len(upload)} bytes"
             if streams:
                 ours += f", ragged_eof={streams[0].ragged_eof}, receiving={streams[0].receiving}"
-            if kernel_version() < (6, 1):
-                # Seen on 5.10 only, in 4-7 of the 10 suites per run: while our sender thread writes, the kernel's
-                # recvmsg returns empty application-data reads (Stream.recv passes one on as b"", the end) or a
-                # truncated record-type cmsg (our server's KernelTLSFailure). 6.1 and later never do.
-                pytest.xfail(f"5.10 kTLS receive beside a concurrent sender (2026-12-07): {ours}")
             raise AssertionError(f"{failure}\n{ours}\ngnutls-cli.log:\n{log_tail(log)}") from failure
     (stream,) = streams
     assert (stream.cipher() or ("",))[0] == suite.openssl_name

@@ -9,7 +9,7 @@ Theory of operation.
   on (to a TCP socket, another pipe, a file).
 * **A record that is not application data** (alert, KeyUpdate, NewSessionTicket, close_notify) cannot be
   spliced. What each kernel of the matrix does, measured on the wire by ``tests/test_splice.py``
-  (``test_what_splice_returns_at_a_control_record``), the same on Debian's 6.1, 6.12, 7.2 and 7.3-rc: the
+  (``test_what_splice_returns_at_a_control_record``), the same on 5.10 and Debian's 6.1, 6.12, 7.2 and 7.3-rc: the
   kernel decrypts the record, puts it back at the head of its receive queue and fails the call with
   ``EINVAL``; nothing of it reaches the pipe and nothing of the data before it is held back. A ``recvmsg``
   with room for the ``TLS_GET_RECORD_TYPE`` control message then returns exactly that record with its type,
@@ -21,6 +21,27 @@ Theory of operation.
 * **End of stream**: ``splice`` returns 0 at the peer's FIN (a close_notify arrives as a control record first).
 * **Send** (:func:`splice_from`): ``splice(fd → pipe)``, then ``splice(pipe → ktls socket)``: the kernel
   encrypts the pipe's pages into records (``tls_sw_sendpage``; ``MSG_SPLICE_PAGES`` from 6.5 on).
+* **Linux before 5.14: a non-blocking splice out of a kTLS socket is a peek.** 5.10's ``tls_sw_splice_read``
+  advances past what it spliced only ``if (likely(!(flags & MSG_PEEK)))`` — a test of the *splice* flags
+  against a *recvmsg* flag, and ``MSG_PEEK`` (0x2) is ``SPLICE_F_NONBLOCK``'s value. So a splice with
+  ``SPLICE_F_NONBLOCK``, or into a pipe whose write end is ``O_NONBLOCK`` (``do_splice`` then adds the flag),
+  leaves the record queued: every call returns the same bytes again, without end (``splice_to`` delivered the
+  first record forever; that was the "hang" of the 5.10 guest tests). Fixed upstream by d8654f4f9300 ("tls
+  splice: remove inappropriate flags checking for MSG_PEEK", v5.14; not in 5.10.y: 5.10.262 still has the
+  test). On those kernels (:data:`SPLICE_NONBLOCK_PEEKS`) the receive pipe's write end is blocking and no
+  splice out of the socket is flagged non-blocking: the blocking front end lets the kernel wait (up to the
+  stream's timeout, ``SO_RCVTIMEO``); a non-blocking stream and the asyncio transport splice only once
+  ``poll`` says the socket is readable, with ``SO_RCVTIMEO`` set to 1 µs for that one call (one jiffy: the
+  most it can wait if the readable bytes are only part of a record), then restored
+  (:func:`_splice_when_readable`).
+* **Linux before 5.16: a splice passes over what ``recvmsg`` left in the kernel.** ``recvmsg`` with too
+  little room for a record keeps its rest, decrypted, on the context's ``rx_list``, which 5.10's
+  ``tls_sw_splice_read`` never looks at: it splices the next record the parser holds, and the rest of the
+  earlier one comes later or never (``test_splice_to_after_recv_keeps_every_byte_in_order`` saw byte 16640 of
+  the stream replaced on 5.10.262). Fixed by e062fe99cccd ("tls: splice_read: fix accessing pre-processed
+  records", 5.16; 5.15.6). On those kernels (:data:`SPLICE_SKIPS_RX_LIST`) a connection that has read
+  application data with ``recvmsg`` (``Connection.read_by_recvmsg``) receives by copy from then on;
+  one that only ever spliced — ``ktls proxy``'s — splices throughout.
 * **The pipe is emptied before each splice into it.** ``tls_sw_splice_read`` moves one record into the pipe
   and advances by what it *asked* for, not by what the pipe took (``rxm->offset += len``, or
   ``consume_skb`` when it asked for the whole record, in 6.x's source): a pipe out of slots would lose
@@ -43,6 +64,7 @@ import fcntl
 import os
 import select
 import socket
+import struct
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
@@ -74,20 +96,33 @@ _RECORD_BUFFER = MAX_PLAINTEXT + 256
 _COPY_CHUNK = 64 * 1024
 _F_SETPIPE_SZ = 1031  # include/uapi/linux/fcntl.h (F_LINUX_SPECIFIC_BASE + 7)
 _F_GETPIPE_SZ = 1032
-#: Kernels whose splice of a kTLS socket has been checked on the wire (6.1, 6.12, 7.2, 7.3-rc: the kernel
-#: matrix); on 5.10 the guest tests hung, cause not found yet, so older kernels copy through Python instead.
-KERNEL_SPLICE = kernel_version() >= (6, 1)
-#: What kernels before 5.13 answered instead of ``EINVAL`` (the kernel-internal ``ENOTSUPP``).
+#: Linux before 5.14 takes ``SPLICE_F_NONBLOCK`` on a splice out of a kTLS socket for ``MSG_PEEK`` and leaves
+#: the record queued (module docstring; ``tls_sw_splice_read``, fixed by d8654f4f9300 in 5.14): splices out of
+#: the socket are then made blocking, and bounded another way.
+SPLICE_NONBLOCK_PEEKS = kernel_version() < (5, 14)
+#: ``SO_RCVTIMEO`` for one splice after ``poll`` said readable, on those kernels: 1 µs, which the kernel rounds
+#: up to one jiffy (``sock_set_timeout``), the most the call can wait.
+_BRIEF_RECEIVE_TIMEOUT = struct.pack("@ll", 0, 1)
+#: Linux before 5.16 splices the record the parser holds and passes over ``rx_list``, where ``recvmsg`` keeps
+#: the rest of a record it decrypted but had no room for (module docstring; fixed by e062fe99cccd in 5.16 and
+#: 5.15.6): there, once the front end has read application data with ``recvmsg``, receiving copies.
+SPLICE_SKIPS_RX_LIST = kernel_version() < (5, 16)
+_TIMEVAL_SIZE = struct.calcsize("@ll")
+#: What older kernels answered instead of ``EINVAL`` (the kernel-internal ``ENOTSUPP``; 5.10.262 says ``EINVAL``).
 _ENOTSUPP = 524
 _SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 class Pipe:
-    """A non-blocking pipe between two splices, and how many bytes it holds."""
+    """A pipe between two splices, and how many bytes it holds. Both ends are non-blocking, except the write end
+    with ``blocking_write`` (a receive pipe on :data:`SPLICE_NONBLOCK_PEEKS` kernels: the kernel would take an
+    ``O_NONBLOCK`` write end for ``MSG_PEEK``); it is only ever spliced into when empty, so never waits for room."""
 
-    def __init__(self, size: int = PIPE_SIZE) -> None:
+    def __init__(self, size: int = PIPE_SIZE, *, blocking_write: bool = False) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        if blocking_write:
+            os.set_blocking(self.write_fd, True)
         with contextlib.suppress(OSError):  # EPERM past the per-user soft limit: keep the default size
             fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, size)
         self.capacity = fcntl.fcntl(self.write_fd, _F_GETPIPE_SZ)
@@ -115,7 +150,7 @@ def pipes_of(owner: object) -> tuple[Pipe, Pipe]:
     """``owner``'s (receive, send) pipes: kept between calls, so bytes a cancelled call left in one go first."""
     pair = _PIPES.get(owner)
     if pair is None:
-        pair = _PIPES[owner] = (Pipe(), Pipe())
+        pair = _PIPES[owner] = (Pipe(blocking_write=SPLICE_NONBLOCK_PEEKS), Pipe())
     return pair
 
 
@@ -134,7 +169,10 @@ class ControlRecordNext(Exception):
 def splice_record(sock_fd: int, pipe: Pipe, count: int, *, nonblock: bool) -> int:
     """One ``splice`` from a kTLS socket into an empty ``pipe``: bytes moved (0 at end of stream). Raises
     :class:`ControlRecordNext` when a control record is next; ``BlockingIOError`` when nothing has arrived
-    (always possible: our pipes are non-blocking, which makes the kernel treat the splice as non-blocking)."""
+    (always possible where the pipe's write end is non-blocking, which makes the kernel treat the splice as
+    non-blocking; on :data:`SPLICE_NONBLOCK_PEEKS` kernels only when ``SO_RCVTIMEO`` ran out)."""
+    if SPLICE_NONBLOCK_PEEKS and nonblock:
+        raise ValueError("a non-blocking splice out of a kTLS socket peeks on Linux < 5.14")
     flags = _SPLICE_F_MOVE | (_SPLICE_F_NONBLOCK if nonblock else 0)
     try:
         moved = os.splice(sock_fd, pipe.write_fd, min(count, pipe.capacity), flags=flags)
@@ -170,6 +208,42 @@ def fill(pipe: Pipe, fd: int, count: int) -> int:
     return moved
 
 
+def _splice_keeps_order(connection: Connection) -> bool:
+    """Whether a splice now takes the next bytes in order (not so on :data:`SPLICE_SKIPS_RX_LIST` kernels once
+    ``recvmsg`` has read application data: what it left decrypted in the kernel would be passed over)."""
+    return not (SPLICE_SKIPS_RX_LIST and connection.read_by_recvmsg)
+
+
+def _readable_now(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _splice_when_readable(sock: socket.socket, pipe: Pipe, count: int) -> int:
+    """On :data:`SPLICE_NONBLOCK_PEEKS` kernels, a splice that must not wait (a non-blocking stream, the event
+    loop): only once ``poll`` says readable, and with ``SO_RCVTIMEO`` at one jiffy for the call, in case what is
+    readable is only the start of a record the kernel has not parsed yet (``tls_wait_data`` then waits for the
+    rest); ``BlockingIOError`` when nothing is there or the jiffy ran out. The socket's own timeout is restored."""
+    fd = sock.fileno()
+    if not _readable_now(fd):
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    saved = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL_SIZE)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _BRIEF_RECEIVE_TIMEOUT)
+    try:
+        return splice_record(fd, pipe, count, nonblock=False)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, saved)
+
+
+def _splice_without_waiting(sock: socket.socket, pipe: Pipe, count: int) -> int:
+    """:func:`splice_record` that does not wait for a record (the event loop's): ``SPLICE_F_NONBLOCK``, or where
+    that flag peeks, :func:`_splice_when_readable`."""
+    if SPLICE_NONBLOCK_PEEKS:
+        return _splice_when_readable(sock, pipe, count)
+    return splice_record(sock.fileno(), pipe, count, nonblock=True)
+
+
 @dataclasses.dataclass
 class Endpoint:
     """What the blocking loops need from their front end (:class:`ktls.Stream`)."""
@@ -194,8 +268,7 @@ def _control_record(sock: socket.socket, connection: Connection) -> tuple[list[A
     """
     record = syscalls.recv_record(sock, _RECORD_BUFFER, socket.MSG_DONTWAIT)
     if record.content_type == ContentType.APPLICATION_DATA:
-        connection.application_data()
-        return [], record.data
+        return connection.application_data(), record.data
     if record.content_type is None:
         if record.data:
             raise KernelTLSFailure(None, "the kernel returned bytes without a record type")
@@ -232,6 +305,23 @@ def _drain_blocking(pipe: Pipe, fd: int, timeout: float | None) -> None:
             _wait_fd(fd, select.POLLOUT, timeout)
 
 
+def _splice_waiting(endpoint: Endpoint, pipe: Pipe, count: int) -> int:
+    """:func:`splice_record` for the blocking front end: waits up to the stream's timeout for a record."""
+    while True:
+        try:
+            if SPLICE_NONBLOCK_PEEKS and endpoint.timeout == 0.0:
+                return _splice_when_readable(endpoint.sock, pipe, count)
+            # On SPLICE_NONBLOCK_PEEKS kernels the pipe's write end is blocking: the kernel waits, up to the
+            # stream's SO_RCVTIMEO, and EAGAIN is that timeout.
+            return splice_record(endpoint.sock.fileno(), pipe, count, nonblock=False)
+        except (BlockingIOError, InterruptedError) as exc:
+            # Elsewhere the pipe is non-blocking, and a non-blocking pipe makes the whole splice non-blocking
+            # (do_splice adds SPLICE_F_NONBLOCK): wait here, up to the stream's timeout, and try again.
+            if endpoint.timeout == 0.0 or SPLICE_NONBLOCK_PEEKS:
+                endpoint.failed(exc, True)
+            _wait_fd(endpoint.sock.fileno(), select.POLLIN, endpoint.timeout)
+
+
 def splice_to(endpoint: Endpoint, fd: int, count: int) -> int:
     """Move up to ``count`` bytes of received application data into ``fd``; 0 at the end of the stream.
 
@@ -243,7 +333,7 @@ def splice_to(endpoint: Endpoint, fd: int, count: int) -> int:
     while True:
         if count <= 0:
             return 0
-        kernel = connection.receiving is Receiving.KERNEL and pipe.roomy and KERNEL_SPLICE
+        kernel = connection.receiving is Receiving.KERNEL and pipe.roomy and _splice_keeps_order(connection)
         if endpoint.pending() or not (kernel or connection.receiving is Receiving.CLOSED):
             copied = endpoint.recv(min(count, _COPY_CHUNK))  # fallback, bytes decrypted earlier, or a small pipe
             _write_all(fd, copied, endpoint.timeout)
@@ -251,14 +341,7 @@ def splice_to(endpoint: Endpoint, fd: int, count: int) -> int:
         if connection.receiving is Receiving.CLOSED:
             return 0
         try:
-            moved = splice_record(endpoint.sock.fileno(), pipe, count, nonblock=False)
-        except (BlockingIOError, InterruptedError) as exc:
-            # The pipe is non-blocking, and a non-blocking pipe makes the whole splice non-blocking
-            # (do_splice adds SPLICE_F_NONBLOCK): wait here, up to the stream's timeout, and try again.
-            if endpoint.timeout == 0.0:
-                endpoint.failed(exc, True)
-            _wait_fd(endpoint.sock.fileno(), select.POLLIN, endpoint.timeout)
-            continue
+            moved = _splice_waiting(endpoint, pipe, count)
         except ControlRecordNext:
             try:
                 actions, data = _control_record(endpoint.sock, connection)
@@ -277,7 +360,8 @@ def splice_to(endpoint: Endpoint, fd: int, count: int) -> int:
         if not moved:
             connection.end_of_stream()
             return 0
-        connection.application_data()
+        if actions := connection.spliced_data():
+            endpoint.run(actions)  # it interrupted a handshake message: the alert, then the error
         _drain_blocking(pipe, fd, endpoint.timeout)
         return moved
 
@@ -290,7 +374,7 @@ def splice_from(endpoint: Endpoint, fd: int, count: int) -> int:
     connection = endpoint.connection
     connection.check_writable()
     pipe = pipes_of(endpoint.owner)[1]
-    if connection.sending is not Sending.KERNEL or not KERNEL_SPLICE:
+    if connection.sending is not Sending.KERNEL:
         while True:
             try:
                 data = os.read(fd, min(count, _COPY_CHUNK))
@@ -399,12 +483,12 @@ async def splice_to_async(endpoint: AsyncEndpoint, fd: int, count: int) -> int:
         receiving = connection.receiving
         if receiving is Receiving.CLOSED:
             return 0
-        if receiving is not Receiving.KERNEL or not pipe.roomy or not KERNEL_SPLICE:
+        if receiving is not Receiving.KERNEL or not pipe.roomy or not _splice_keeps_order(connection):
             data = await endpoint.copy_in(min(count, _COPY_CHUNK))
             await _write_all_async(loop, fd, data)
             return len(data)
         try:
-            moved = splice_record(sock_fd, pipe, count, nonblock=True)
+            moved = _splice_without_waiting(endpoint.sock, pipe, count)
         except (BlockingIOError, InterruptedError):
             await _ready(loop, sock_fd, writable=False)
             continue
@@ -427,9 +511,20 @@ async def splice_to_async(endpoint: AsyncEndpoint, fd: int, count: int) -> int:
             connection.end_of_stream()
             endpoint.eof()
             return 0
-        connection.application_data()
+        _spliced_async(endpoint)
         await _drain_async(loop, pipe, fd)
         return moved
+
+
+def _spliced_async(endpoint: AsyncEndpoint) -> None:
+    """Tell the core that application data was spliced, and carry out what it says (an interrupted handshake
+    message: the alert, then the error)."""
+    if actions := endpoint.connection.spliced_data():
+        try:
+            endpoint.run(actions)
+        except Exception as exc:
+            endpoint.fail(_connection_error(exc))
+            raise
 
 
 def _control_record_async(endpoint: AsyncEndpoint) -> bytes | None:
@@ -473,7 +568,7 @@ async def splice_from_async(endpoint: AsyncEndpoint, fd: int, count: int) -> int
     connection = endpoint.connection
     connection.check_writable()
     loop = endpoint.loop
-    if connection.sending is not Sending.KERNEL or not KERNEL_SPLICE:
+    if connection.sending is not Sending.KERNEL:
         while True:
             try:
                 data = os.read(fd, min(count, _COPY_CHUNK))

@@ -111,6 +111,10 @@ class Connection:
         self._deferred = DeferredReceive(keys) if installed and installed.rx_deferred and keys else None
         self.suppress_ragged_eofs = suppress_ragged_eofs
         self._ragged_eof = False
+        #: Application data was read from the kernel with ``recvmsg`` (:meth:`application_data`), not only
+        #: spliced (:meth:`spliced_data`): before Linux 5.16 a splice after that may pass over the rest of a
+        #: record ``recvmsg`` left decrypted in the kernel, so :mod:`ktls.splice` copies from then on.
+        self.read_by_recvmsg = False
         self._receiving = (
             Receiving.DEFERRED
             if self._deferred is not None
@@ -199,8 +203,15 @@ class Connection:
     # -- receiving -----------------------------------------------------------------------------------------------
 
     def application_data(self) -> list[Action]:
-        """Application data arrived: the KeyUpdates and warnings before it were not a flood; a handshake
-        message it interrupts is fatal (the hot path: one attribute test, then nothing to do)."""
+        """Application data arrived, read with ``recvmsg``: the KeyUpdates and warnings before it were not a
+        flood; a handshake message it interrupts is fatal (the hot path: one store, one attribute test)."""
+        self.read_by_recvmsg = True
+        if self.control.control_since_data:
+            return self._note(self.control.application_data_received())
+        return []
+
+    def spliced_data(self) -> list[Action]:
+        """:meth:`application_data` for data the kernel spliced (:mod:`ktls.splice`)."""
         if self.control.control_since_data:
             return self._note(self.control.application_data_received())
         return []

@@ -75,8 +75,14 @@ __all__ = [
     "setup_ulp",
 ]
 
-#: Room for one ``TLS_GET_RECORD_TYPE`` control message (one byte of payload).
-_CMSG_SPACE = socket.CMSG_SPACE(1)
+#: Room for two ``TLS_GET_RECORD_TYPE`` control messages (one byte of payload each). The kernel writes one per
+#: ``recvmsg``, except before Linux 5.19: there ``process_rx_list`` (``net/tls/tls_sw.c``) puts the type of the
+#: rest of a record an earlier ``recvmsg`` left decrypted (``rx_list``) without telling the caller it did so for
+#: application data, and when the same ``recvmsg`` goes on into the next record (of the same type: the kernel
+#: checks) it puts the type again. With room for one that second message is cut (``MSG_CTRUNC``) and a sound
+#: read looked broken (seen on 5.10.262: a ``recv`` smaller than the records, then a larger one). 5.19's rework
+#: ("tls: rx: factor out writing ContentType to cmsg", 06554f4ffc25) writes it once.
+_CMSG_SPACE = socket.CMSG_SPACE(1) * 2
 #: Room for the record-type control message: what a hot loop passes to ``recvmsg`` itself.
 RECORD_TYPE_CMSG_SPACE = _CMSG_SPACE
 #: The control message of an application-data read, as ``recvmsg`` returns it: a hot loop compares the
