@@ -171,7 +171,7 @@ class Engine:
             if size < RECORD_BUFFER:
                 buffer = bytearray(size)
                 n = self._read_kernel_into(memoryview(buffer))
-                return None if n is None else bytes(buffer[:n])
+                return None if n is None else bytes(memoryview(buffer)[:n])  # one copy, not two
             # The hot path for large reads: into a new bytes object, no copy after the read.
             try:
                 data, ancdata, msg_flags, _ = self.sock.recvmsg(size, _CMSG_SPACE)
