@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, int]] = [
     ("ktls.tls", 2),  # records, key schedule, AEADs (a suite names its kernel cipher, so above the ABI)
     ("ktls.core", 3),
     ("ktls.engine", 4),  # the socket I/O both front ends share, driven by the core
+    ("ktls.tlsinfo", 4),  # the TLS information both front ends tell, from the engine
     ("ktls.stream", 5),
     ("ktls.asyncio", 5),
     ("ktls.splice", 5),  # the splice loops both front ends delegate to (I/O, so not in the core)

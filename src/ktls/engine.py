@@ -42,10 +42,11 @@ import functools
 import io
 import logging
 import os
+import select
 import socket
 import ssl
 from collections.abc import Callable, Generator
-from typing import IO, NoReturn, Union
+from typing import IO, TYPE_CHECKING, NoReturn, Union
 
 from .constants import MAX_PLAINTEXT, AlertLevel, ContentType
 from .core import driver
@@ -57,7 +58,10 @@ from .errors import KernelTLSFailure, KernelTLSUnavailable, RecordError
 from .kernel import syscalls
 from .kernel.uapi import Direction
 
-__all__ = ["RECORD_BUFFER", "ControlRecord", "Engine", "Step"]
+if TYPE_CHECKING:
+    import asyncio
+
+__all__ = ["RECORD_BUFFER", "ControlRecord", "Engine", "Step", "Wait", "wait_async", "wait_blocking"]
 
 log = logging.getLogger("ktls")
 
@@ -74,6 +78,14 @@ _COPY_CHUNK = 64 * 1024
 _APPLICATION_DATA_CMSG = syscalls.APPLICATION_DATA_CMSG
 _CMSG_SPACE = syscalls.RECORD_TYPE_CMSG_SPACE
 _MSG_CTRUNC = syscalls.MSG_CTRUNC
+
+
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    """What a splice loop waits for before it goes on: ``fd`` readable, or writable."""
+
+    fd: int
+    writable: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +370,7 @@ class Engine:
                     file.seek(offset + total)
                     if not (block := file.read(min(want, _COPY_CHUNK))):
                         break
+                    self.connection.check_writable()  # never data behind our close_notify
                     self.write(block)
                     total += len(block)
                     continue
@@ -534,3 +547,40 @@ def _size(item: Item) -> int:
     if isinstance(item, ControlRecord):
         return len(item.payload)
     return len(item)
+
+
+# -- waiting, each front end its way ----------------------------------------------------------------------------
+
+
+def wait_blocking(wait: Wait, timeout: float | None) -> None:
+    """Wait for ``wait`` with ``poll``, up to ``timeout`` seconds (``None``: no limit): ``TimeoutError`` after."""
+    poller = select.poll()
+    poller.register(wait.fd, select.POLLOUT if wait.writable else select.POLLIN)
+    if not poller.poll(None if timeout is None else timeout * 1000):
+        raise TimeoutError(f"timed out ({'sending' if wait.writable else 'receiving'})")
+
+
+async def wait_async(loop: asyncio.AbstractEventLoop, wait: Wait) -> None:
+    """Wait for ``wait`` on the event loop. A kTLS socket is watched through a duplicate descriptor: its transport
+    owns the original's place in the loop (the selector loop refuses a second owner)."""
+    dup = os.dup(wait.fd)
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    try:
+        if wait.writable:
+            loop.add_writer(dup, wake)
+        else:
+            loop.add_reader(dup, wake)
+        try:
+            await waiter
+        finally:
+            if wait.writable:
+                loop.remove_writer(dup)
+            else:
+                loop.remove_reader(dup)
+    finally:
+        os.close(dup)

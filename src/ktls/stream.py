@@ -42,17 +42,17 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, BinaryIO, Literal, NoReturn, TypeVar
+from collections.abc import Callable, Generator
+from typing import Any, BinaryIO, Literal, TypeVar
 
 from . import splice
 from .core import driver
-from .core.connection import Connection, ConnectionState
-from .core.control import Role
+from .core.connection import Connection
 from .core.handshake import Handshake
 from .core.keys import ConnectionKeys
-from .engine import Engine
+from .engine import Engine, Wait, wait_blocking
 from .errors import KernelTLSUnavailable
+from .tlsinfo import TLSInformation
 
 __all__ = ["Stream", "wrap_socket"]
 
@@ -123,7 +123,7 @@ def _unacknowledged(sock: socket.socket) -> int:
         return 0
 
 
-class Stream(ConnectionState):
+class Stream(TLSInformation):
     """A connected TLS stream: a socket whose records the kernel protects (or, on fallback, OpenSSL).
 
     Behaves like ``ssl.SSLSocket``: ``recv``/``recv_into``/``send``/``sendall``/``sendfile``/``makefile``,
@@ -138,7 +138,6 @@ class Stream(ConnectionState):
         self._sock = sock
         self._engine = Engine(sock, handshake, connection, early_data)
         self._connection = connection
-        self._sslobj = self._engine.ssl_object
         self._timeout: float | None = None
         self.settimeout(sock.gettimeout())  # module docstring, "Timeouts are the kernel's"
         self._closed = False
@@ -518,60 +517,6 @@ class Stream(ConnectionState):
         if self._closed and self._io_refs <= 0:
             self._real_close()
 
-    # -- TLS information -----------------------------------------------------------------------------------------
-    # What ssl.SSLSocket tells; a stream built from keys knows only its version and cipher suite.
-
-    def version(self) -> str | None:
-        if self._sslobj is None:
-            return self._connection.control.version.label
-        return self._sslobj.version()
-
-    def cipher(self) -> tuple[str, str, int] | None:
-        return self._engine.cipher()
-
-    def shared_ciphers(self) -> list[tuple[str, str, int]] | None:
-        return self._sslobj.shared_ciphers() if self._sslobj is not None else None
-
-    def compression(self) -> str | None:
-        return self._sslobj.compression() if self._sslobj is not None else None
-
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        return self._sslobj.getpeercert(binary_form) if self._sslobj is not None else None
-
-    def selected_alpn_protocol(self) -> str | None:
-        return self._sslobj.selected_alpn_protocol() if self._sslobj is not None else None
-
-    def get_channel_binding(self, cb_type: str = "tls-unique") -> bytes | None:
-        return self._sslobj.get_channel_binding(cb_type) if self._sslobj is not None else None
-
-    @property
-    def session(self) -> ssl.SSLSession | None:
-        """The session, for ``wrap_socket(..., session=stream.session)`` (TLS 1.3: once tickets arrived)."""
-        return self._sslobj.session if self._sslobj is not None else None
-
-    @property
-    def session_reused(self) -> bool:
-        return self._sslobj.session_reused if self._sslobj is not None else False
-
-    @property
-    def server_hostname(self) -> str | None:
-        return self._sslobj.server_hostname if self._sslobj is not None else None
-
-    @property
-    def server_side(self) -> bool:
-        return self._connection.role is Role.SERVER
-
-    @property
-    def context(self) -> ssl.SSLContext | None:
-        return self._sslobj.context if self._sslobj is not None else None
-
-    def pending(self) -> int:
-        return self._engine.pending()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
-        return f"<ktls.Stream {state} {self._connection.describe()}>"
-
     # -- splice (ktls.splice; kept last in the class so that it merges apart from the rest) ---------------------
 
     def splice_to(self, fd: int, count: int) -> int:
@@ -580,36 +525,31 @@ class Stream(ConnectionState):
         met on the way go to the connection. Returns the bytes moved, 0 at the end of the stream. On fallback
         the same, by a copy (:mod:`ktls.splice`)."""
         self._check_open()
-        return splice.splice_to(self._splice_endpoint(), fd, count)
+        return self._splice(splice.splice_to(self._engine, splice.pipes_of(self)[0], fd, count))
 
     def splice_from(self, fd: int, count: int) -> int:
         """Move up to ``count`` bytes from the descriptor ``fd`` into the stream with ``splice``, for the kernel
         to encrypt; 0 at ``fd``'s end. On fallback the same, by a copy (:mod:`ktls.splice`)."""
         self._check_open()
-        return splice.splice_from(self._splice_endpoint(), fd, count)
+        return self._splice(splice.splice_from(self._engine, splice.pipes_of(self)[1], fd, count))
 
-    def _splice_endpoint(self) -> splice.Endpoint:
-        def failed(exc: OSError, reading: bool) -> NoReturn:
-            if isinstance(exc, BlockingIOError):
-                raise self._would_block("receiving" if reading else "sending") from None
-            try:
-                if reading:
-                    self._engine.receive_failed(exc)
-                raise exc
-            except Exception:
-                self._failed()
-                raise
-
-        engine = self._engine
-        return splice.Endpoint(
-            self,
-            self._sock,
-            self._connection,
-            engine.run,
-            failed,
-            engine.sent,
-            self.pending,
-            self.recv,
-            self.sendall,
-            self._timeout,
-        )
+    def _splice(self, steps: Generator[Wait, None, int]) -> int:
+        """Run a splice loop, waiting with ``poll`` up to the stream's timeout."""
+        try:
+            while True:
+                wait = next(steps)
+                if wait.fd == self._sock.fileno() and self._timeout == 0.0:
+                    raise BlockingIOError
+                wait_blocking(wait, self._timeout)
+        except StopIteration as done:
+            moved: int = done.value
+            return moved
+        except splice.DescriptorFailed as failed:
+            raise failed.error from None
+        except BlockingIOError:
+            raise self._would_block("splice") from None
+        except Exception:
+            self._failed()
+            raise
+        finally:
+            steps.close()

@@ -35,14 +35,15 @@ import ssl
 import warnings
 from asyncio import constants as asyncio_constants
 from asyncio import selector_events, transports, trsock
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from typing import IO, TYPE_CHECKING, Any
 
 from .. import splice
-from ..core.connection import Connection, ConnectionState, Sending
+from ..core.connection import Connection, Sending
 from ..core.handshake import Handshake
-from ..engine import Engine
+from ..engine import Engine, Wait, wait_async
 from ..errors import StreamClosed
+from ..tlsinfo import TLSInformation
 from ._handshake import DEFAULT_SHUTDOWN_TIMEOUT
 
 __all__ = ["KTLSTransport"]
@@ -57,7 +58,7 @@ _READS_PER_CALL = 8
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
 
-class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base asyncio's sendfile fallback insists on
+class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base asyncio's sendfile fallback insists on
     """A TLS transport whose records the kernel encrypts and decrypts (or, on fallback, OpenSSL).
 
     Built by :func:`ktls.asyncio.create_connection` / :func:`~ktls.asyncio.create_server`; supports
@@ -162,13 +163,12 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
     # -- extra info -----------------------------------------------------------------------------------------------
 
     def _static_extra(self) -> dict[str, Any]:
-        sslobj = self._engine.ssl_object
         extra: dict[str, Any] = {
-            "ssl_object": sslobj,
-            "sslcontext": sslobj.context if sslobj else None,
-            "peercert": sslobj.getpeercert() if sslobj else None,
-            "cipher": self._engine.cipher(),
-            "compression": sslobj.compression() if sslobj else None,
+            "ssl_object": self._engine.ssl_object,
+            "sslcontext": self.context,
+            "peercert": self.getpeercert(),
+            "cipher": self.cipher(),
+            "compression": self.compression(),
             "socket": trsock.TransportSocket(self._sock),
         }
         for name, get in (("sockname", self._sock.getsockname), ("peername", self._sock.getpeername)):
@@ -404,59 +404,35 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         """Send ``count`` bytes of ``file`` from ``offset`` (to its end when ``None``) with ``os.sendfile``: the
         kernel encrypts page-cache pages, no byte of the file enters this process. On a selector loop this is
         ``loop.sendfile(self, ...)``; on other loops (uvloop, whose ``loop.sendfile`` is not implemented) the
-        same steps are done here. On fallback (OpenSSL sends) the file is read and written in chunks. The file
-        position is left after the last byte sent, like ``loop.sendfile``."""
+        engine's sendfile loop runs here (:meth:`ktls.engine.Engine.sendfile`; on fallback it reads the file and
+        writes). The file position is left after the last byte sent, like ``loop.sendfile``."""
         if self.is_closing():
             raise RuntimeError("Transport is closing")
         if self._selector:
             return await self._loop.sendfile(self, file, offset, count)
-        if not self.kernel_tx:
-            return await self._sendfile_by_writes(file, offset, count)
         resume = self.is_reading()
         self.pause_reading()
+        kernel = self.kernel_tx
         try:
-            await self._make_empty_waiter()  # the queue is empty and held: the file goes next
+            if kernel:
+                await self._make_empty_waiter()  # the queue is empty and held: the file goes next
             steps = self._engine.sendfile(file, offset, count)
             try:
                 while True:
                     next(steps)  # the socket is full
-                    await self._writable()
+                    if self._lost:
+                        raise ConnectionError("the connection was lost during sendfile")
+                    await wait_async(self._loop, Wait(self._sock_fd, writable=True))
             except StopIteration as done:
                 total: int = done.value
                 return total
             finally:
                 steps.close()
         finally:
-            self._reset_empty_waiter()
+            if kernel:
+                self._reset_empty_waiter()
             if resume:
                 self.resume_reading()
-
-    async def _writable(self) -> None:
-        """Wait until the socket takes more (a loop that is not a selector loop: public add_writer)."""
-        if self._lost:
-            raise ConnectionError("the connection was lost during sendfile")
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._loop.add_writer(self._sock_fd, _set_result_once, waiter)
-        try:
-            await waiter
-        finally:
-            if not self._lost:
-                self._loop.remove_writer(self._sock_fd)
-
-    async def _sendfile_by_writes(self, file: IO[bytes], offset: int, count: int | None) -> int:
-        file.seek(offset)
-        total = 0
-        while count is None or total < count:
-            want = 65536 if count is None else min(65536, count - total)
-            block = await self._loop.run_in_executor(None, file.read, want)
-            if not block:
-                break
-            if self.is_closing():
-                raise ConnectionError("the connection closed during sendfile")
-            self.write(block)
-            total += len(block)
-            await self._drained()
-        return total
 
     # -- closing ----------------------------------------------------------------------------------------------------
 
@@ -571,45 +547,34 @@ class KTLSTransport(ConnectionState, transports._FlowControlMixin):  # the base 
         protocol's ``eof_received`` has also been called. Pauses reading: while splicing, the protocol gets no
         ``data_received``. On fallback the same, by a copy (:mod:`ktls.splice`)."""
         self.pause_reading()
-        return await splice.splice_to_async(self._splice_endpoint(), fd, count)
+        if self.is_closing() or count <= 0:
+            return 0
+        moved = await self._splice(splice.splice_to(self._engine, splice.pipes_of(self)[0], fd, count))
+        if not moved:
+            self._on_eof()
+        return moved
 
     async def splice_from(self, fd: int, count: int) -> int:
         """Move up to ``count`` bytes from the non-blocking descriptor ``fd`` into the connection with
         ``splice``, for the kernel to encrypt, in order with what was written before; 0 at ``fd``'s end. On
         fallback the same, by a copy (:mod:`ktls.splice`)."""
-        return await splice.splice_from_async(self._splice_endpoint(), fd, count)
+        return await self._splice(splice.splice_from(self._engine, splice.pipes_of(self)[1], fd, count))
 
-    def _splice_endpoint(self) -> splice.AsyncEndpoint:
-        async def hold_writes() -> None:
-            await self._make_empty_waiter()
-
-        def take_plaintext(count: int) -> bytes:
-            taken = bytes(self._engine.plaintext[:count])
-            del self._engine.plaintext[:count]
-            return taken
-
-        async def copy_in(count: int) -> bytes:
-            return await splice.collect(self, count)
-
-        async def write(data: bytes) -> None:
-            self.write(data)
-            await self._drained()
-
-        return splice.AsyncEndpoint(
-            self,
-            self._loop,
-            self._sock,
-            self._connection,
-            self._engine.run,
-            self._on_eof,
-            self._fatal_error,
-            hold_writes,
-            self._reset_empty_waiter,
-            take_plaintext,
-            copy_in,
-            write,
-            self.is_closing,
-        )
+    async def _splice(self, steps: Generator[Wait, None, int]) -> int:
+        """Run a splice loop, waiting with the event loop; a failure of the connection fails the transport."""
+        try:
+            while True:
+                await wait_async(self._loop, next(steps))
+        except StopIteration as done:
+            moved: int = done.value
+            return moved
+        except splice.DescriptorFailed as failed:
+            raise failed.error from None
+        except Exception as exc:
+            self._fatal_error(exc)
+            raise
+        finally:
+            steps.close()
 
 
 def _set_result_once(waiter: asyncio.Future[None]) -> None:
