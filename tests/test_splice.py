@@ -19,6 +19,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from hostile_peer import TIMEOUT, Hostile, tls13_protection
 from ktls import Stream
 from ktls.constants import ContentType, HandshakeType
 from ktls.core.keys import ConnectionKeys
+from ktls.errors import StreamClosed
 from ktls.kernel import KernelSupport, recv_record
 from ktls.kernel.probe import kernel_version as _kernel_version
 from ktls.tls.suites import suite_by_openssl_name
@@ -397,3 +399,47 @@ def test_fallback_splices_by_copying(rsa_cert: CertFiles) -> None:
             received += far.recv(moved, socket.MSG_WAITALL)
         sender.join(TIMEOUT)
         assert bytes(received) == payload
+
+
+def test_splice_from_after_our_close_notify_is_the_callers_mistake(rsa_cert: CertFiles) -> None:
+    """``splice_from`` once our write side is closed raises ``StreamClosed`` before any I/O, and the connection
+    goes on as it was: the Stream still reads, the transport is not failed (the caller's mistake is not the
+    connection's failure). Both front ends, on whatever TLS they run (the host: userspace)."""
+    stream, peer = _fallback_pair(rsa_cert)
+    near, far = socket.socketpair()
+    with stream, peer, near, far:
+        far.sendall(b"x")
+        stream.shutdown(socket.SHUT_WR)
+        with pytest.raises(StreamClosed):
+            stream.splice_from(near.fileno(), 1)
+        peer.sendall(b"still read")
+        assert stream.recv(100) == b"still read"
+
+    async def transport_side() -> None:
+        server_context, client_context = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+            writer.write(b"after your close_notify")
+            await writer.drain()
+            writer.close()
+
+        server = await ktls.asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await ktls.asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
+        )
+        transport: Any = writer.transport
+        writer.write_eof()
+        with pytest.raises(StreamClosed):
+            await transport.splice_from(near.fileno(), 1)
+        assert not transport.is_closing()
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"after your close_notify"
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    near, far = socket.socketpair()
+    with near, far:
+        far.sendall(b"x")
+        asyncio.run(transport_side())

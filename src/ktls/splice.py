@@ -311,8 +311,13 @@ def splice_from(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[Wa
     """Move up to ``count`` bytes from ``fd`` into the connection through ``pipe``, for the kernel to encrypt,
     behind everything queued before; returns the bytes moved, 0 at ``fd``'s end. While the pipe is pushed into
     the socket the engine's queue is held, so nothing overtakes the spliced bytes; on fallback the bytes are read
-    and written through the engine."""
+    and written through the engine. A write side already closed raises :class:`~ktls.errors.StreamClosed` here,
+    before the loop starts: the caller's mistake, not the connection's failure."""
     engine.connection.check_writable()
+    return _splice_from(engine, pipe, fd, count)
+
+
+def _splice_from(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[Wait, None, int]:
     sock_fd = engine.sock.fileno()
     kernel = engine.connection.sending is Sending.KERNEL
     data = b""
