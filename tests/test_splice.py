@@ -401,13 +401,20 @@ def test_fallback_splices_by_copying(rsa_cert: CertFiles) -> None:
         assert bytes(received) == payload
 
 
-def test_splice_from_after_our_close_notify_is_the_callers_mistake(rsa_cert: CertFiles) -> None:
-    """``splice_from`` once our write side is closed raises ``StreamClosed`` before any I/O, and the connection
-    goes on as it was: the Stream still reads, the transport is not failed (the caller's mistake is not the
-    connection's failure). Both front ends, on whatever TLS they run (the host: userspace)."""
+def test_the_callers_mistakes_are_not_the_connections_failure(rsa_cert: CertFiles) -> None:
+    """A descriptor that refuses the bytes (``EBADF``: a pipe's read end) raises its own error and nothing that
+    was read is lost: the bytes are read next. ``splice_from`` once our write side is closed raises
+    ``StreamClosed`` before any I/O. Either way the connection goes on: the Stream still reads, the transport is
+    not failed. Both front ends, on whatever TLS they run (the host: userspace)."""
+    refuses, other_end = os.pipe()
     stream, peer = _fallback_pair(rsa_cert)
     near, far = socket.socketpair()
     with stream, peer, near, far:
+        peer.sendall(b"kept")
+        with pytest.raises(OSError, match="Bad file descriptor") as refused:
+            stream.splice_to(refuses, 100)
+        assert refused.value.errno == errno.EBADF
+        assert stream.recv(100) == b"kept"
         far.sendall(b"x")
         stream.shutdown(socket.SHUT_WR)
         with pytest.raises(StreamClosed):
@@ -419,6 +426,7 @@ def test_splice_from_after_our_close_notify_is_the_callers_mistake(rsa_cert: Cer
         server_context, client_context = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"kept")
             await reader.read()
             writer.write(b"after your close_notify")
             await writer.drain()
@@ -430,6 +438,12 @@ def test_splice_from_after_our_close_notify_is_the_callers_mistake(rsa_cert: Cer
             "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
         )
         transport: Any = writer.transport
+        with pytest.raises(OSError, match="Bad file descriptor") as refused:
+            await asyncio.wait_for(transport.splice_to(refuses, 100), TIMEOUT)
+        assert refused.value.errno == errno.EBADF
+        assert not transport.is_closing()
+        transport.resume_reading()
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT) == b"kept"
         writer.write_eof()
         with pytest.raises(StreamClosed):
             await transport.splice_from(near.fileno(), 1)
@@ -443,3 +457,5 @@ def test_splice_from_after_our_close_notify_is_the_callers_mistake(rsa_cert: Cer
     with near, far:
         far.sendall(b"x")
         asyncio.run(transport_side())
+    os.close(refuses)
+    os.close(other_end)

@@ -362,15 +362,17 @@ class Engine:
         total = 0
         try:
             while count is None or total < count:
+                self.connection.check_writable()  # never data behind our close_notify
                 want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
-                if self.queue and not self.flush():
+                # Under a hold, what was queued meanwhile goes after the file; otherwise it goes first.
+                if self.queue and not self.hold and not self.flush():
                     yield total
                     continue
                 if in_fd is None:
+                    self.hold = False  # these writes go through the queue: it must flow
                     file.seek(offset + total)
                     if not (block := file.read(min(want, _COPY_CHUNK))):
                         break
-                    self.connection.check_writable()  # never data behind our close_notify
                     self.write(block)
                     total += len(block)
                     continue

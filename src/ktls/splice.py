@@ -32,8 +32,7 @@ Theory of operation.
   splice out of the socket is flagged non-blocking: the blocking front end lets the kernel wait (up to the
   stream's timeout, ``SO_RCVTIMEO``); a non-blocking stream and the asyncio transport splice only once
   ``poll`` says the socket is readable, with ``SO_RCVTIMEO`` set to 1 µs for that one call (one jiffy: the
-  most it can wait if the readable bytes are only part of a record), then restored
-  (:func:`_splice_when_readable`).
+  most it can wait if the readable bytes are only part of a record), then restored (:func:`_splice_record`).
 * **Linux before 5.16: a splice passes over what ``recvmsg`` left in the kernel.** ``recvmsg`` with too
   little room for a record keeps its rest, decrypted, on the context's ``rx_list``, which 5.10's
   ``tls_sw_splice_read`` never looks at: it splices the next record the parser holds, and the rest of the
@@ -242,14 +241,21 @@ def _drain(pipe: Pipe, fd: int) -> Generator[Wait, None, None]:
         pipe.held -= n
 
 
-def _write_all(fd: int, data: bytes) -> Generator[Wait, None, None]:
+def _deliver(engine: Engine, fd: int, data: bytes) -> Generator[Wait, None, int]:
+    """Write ``data`` (application data read by copy) to ``fd``. What ``fd`` has not taken when it fails, or when
+    the caller stops waiting, goes back to the front of the engine's plaintext: read next, never lost."""
     view = memoryview(data)
-    while view:
-        try:
-            with _on_descriptor():
-                view = view[os.write(fd, view) :]
-        except (BlockingIOError, InterruptedError):
-            yield Wait(fd, writable=True)
+    try:
+        while view:
+            try:
+                with _on_descriptor():
+                    view = view[os.write(fd, view) :]
+            except (BlockingIOError, InterruptedError):
+                yield Wait(fd, writable=True)
+    finally:
+        if view:
+            engine.plaintext[:0] = view
+    return len(data)
 
 
 def _flush(engine: Engine) -> Generator[Wait, None, None]:
@@ -280,7 +286,7 @@ def splice_to(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[Wait
     sock = engine.sock
     while count > 0:
         if not _kernel_splices(engine, pipe):
-            if engine.connection.receiving is Receiving.CLOSED:
+            if engine.connection.receiving is Receiving.CLOSED and not engine.plaintext:
                 return 0
             data = yield from _read(engine, min(count, _COPY_CHUNK))  # fallback, plaintext decrypted earlier…
         else:
@@ -302,8 +308,10 @@ def splice_to(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[Wait
                 yield from _drain(pipe, fd)
                 return moved
         if data is not None:  # application data (after all), or the end: b""
-            yield from _write_all(fd, data)
-            return len(data)
+            if len(data) > count:  # a whole record read where a splice would have taken count bytes
+                engine.plaintext[:0] = data[count:]
+                data = data[:count]
+            return (yield from _deliver(engine, fd, data))
     return 0
 
 
@@ -314,6 +322,8 @@ def splice_from(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[Wa
     and written through the engine. A write side already closed raises :class:`~ktls.errors.StreamClosed` here,
     before the loop starts: the caller's mistake, not the connection's failure."""
     engine.connection.check_writable()
+    if engine.hold:
+        raise RuntimeError("another sendfile or splice_from is in progress on this connection")
     return _splice_from(engine, pipe, fd, count)
 
 
@@ -339,6 +349,7 @@ def _splice_from(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[W
             yield from _flush(engine)
         return len(data)
     yield from _flush(engine)  # what was queued before goes first
+    engine.connection.check_writable()  # the write side may have closed meanwhile (close_notify just went)
     engine.hold = True
     moved = 0
     try:
@@ -350,9 +361,11 @@ def _splice_from(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[W
                 continue
             pipe.held -= n
             moved += n
+            engine.sent(n)  # per call, as the budget counts: may queue a KeyUpdate (it waits for the hold)
     finally:
         engine.hold = False
-        if moved:
-            engine.sent(moved)  # may queue a KeyUpdate, or the write side's end at the key's limit
+        if engine.queue:  # what was queued meanwhile (writes, a KeyUpdate, close_notify), also after a failure
+            with contextlib.suppress(OSError):  # the next flush (or the writer callback) meets it again
+                engine.flush()
     yield from _flush(engine)
     return moved

@@ -51,7 +51,7 @@ from .core.connection import Connection
 from .core.handshake import Handshake
 from .core.keys import ConnectionKeys
 from .engine import Engine, Wait, wait_blocking
-from .errors import KernelTLSUnavailable
+from .errors import KernelTLSUnavailable, StreamClosed
 from .tlsinfo import TLSInformation
 
 __all__ = ["Stream", "wrap_socket"]
@@ -517,6 +517,10 @@ class Stream(TLSInformation):
         if self._closed and self._io_refs <= 0:
             self._real_close()
 
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._sock.fileno()}"
+        return f"<ktls.Stream {state} {self._connection.describe()}>"
+
     # -- splice (ktls.splice; kept last in the class so that it merges apart from the rest) ---------------------
 
     def splice_to(self, fd: int, count: int) -> int:
@@ -548,6 +552,8 @@ class Stream(TLSInformation):
             raise failed.error from None
         except BlockingIOError:
             raise self._would_block("splice") from None
+        except StreamClosed:
+            raise  # our write side had closed: the caller's mistake, not the connection's failure
         except Exception:
             self._failed()
             raise

@@ -39,7 +39,7 @@ from collections.abc import Generator, Iterable
 from typing import IO, TYPE_CHECKING, Any
 
 from .. import splice
-from ..core.connection import Connection, Sending
+from ..core.connection import Connection, Receiving, Sending
 from ..core.handshake import Handshake
 from ..engine import Engine, Wait, wait_async
 from ..errors import StreamClosed
@@ -426,6 +426,11 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
             except StopIteration as done:
                 total: int = done.value
                 return total
+            except StreamClosed:
+                raise
+            except Exception as exc:
+                self._fatal_error(exc)
+                raise
             finally:
                 steps.close()
         finally:
@@ -549,9 +554,10 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         self.pause_reading()
         if self.is_closing() or count <= 0:
             return 0
-        moved = await self._splice(splice.splice_to(self._engine, splice.pipes_of(self)[0], fd, count))
-        if not moved:
-            self._on_eof()
+        steps = splice.splice_to(self._engine, splice.pipes_of(self)[0], fd, count)
+        moved = await self._splice(steps, stop_at_close=True)
+        if not moved and self.receiving is Receiving.CLOSED:
+            self._on_eof()  # the splice met the end of the stream (not the transport's close)
         return moved
 
     async def splice_from(self, fd: int, count: int) -> int:
@@ -560,16 +566,27 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         fallback the same, by a copy (:mod:`ktls.splice`)."""
         return await self._splice(splice.splice_from(self._engine, splice.pipes_of(self)[1], fd, count))
 
-    async def _splice(self, steps: Generator[Wait, None, int]) -> int:
-        """Run a splice loop, waiting with the event loop; a failure of the connection fails the transport."""
+    async def _splice(self, steps: Generator[Wait, None, int], *, stop_at_close: bool = False) -> int:
+        """Run a splice loop, waiting with the event loop: a failure of the connection fails the transport, one
+        of the other descriptor is raised as it is; with ``stop_at_close``, 0 once the transport closes."""
         try:
             while True:
-                await wait_async(self._loop, next(steps))
+                wait = next(steps)
+                try:
+                    await wait_async(self._loop, wait)
+                except OSError as exc:
+                    if wait.fd != self._sock_fd:
+                        raise splice.DescriptorFailed(exc) from exc
+                    raise
+                if stop_at_close and self.is_closing():
+                    return 0
         except StopIteration as done:
             moved: int = done.value
             return moved
         except splice.DescriptorFailed as failed:
             raise failed.error from None
+        except StreamClosed:
+            raise  # our write side had closed: the caller's mistake, not the connection's failure
         except Exception as exc:
             self._fatal_error(exc)
             raise
