@@ -109,7 +109,6 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         self._writer_on = False
         self._deadline: asyncio.TimerHandle | None = None
         self._lost_writes = 0
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._selector = isinstance(loop, selector_events.BaseSelectorEventLoop)
         # A selector loop's private calls, as its own socket transports use them (no handle per call); and the
         # registry its _sendfile_native expects to undo. Other loops (uvloop): the public ones.
@@ -327,28 +326,17 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
 
     def _flushed(self) -> None:
         """After every flush of the engine's queue: the writer callback while anything waits, flow control,
-        drain waiters, sendfile's empty waiter, the end of a close."""
+        sendfile's empty waiter, the end of a close."""
         if self._lost:
             return
         engine = self._engine
         self._set_writer(bool(engine.queue))
         self._maybe_resume_protocol()
-        if engine.queued <= self._low_water:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for waiter in waiters:
-                _set_result_once(waiter)
         if not engine.queue:
             if self._empty_waiter is not None and not self._empty_waiter.done():
                 self._empty_waiter.set_result(None)
                 engine.hold = True
             self._maybe_finish()
-
-    async def _drained(self) -> None:
-        """Until the queue is below the low-water mark (or the connection is lost)."""
-        while self._engine.queued > self._high_water and not self._lost:
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
 
     # -- write flow control: asyncio's _FlowControlMixin, over the engine's queue ---------------------------------
 
@@ -517,9 +505,6 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
             self._deadline.cancel()
             self._deadline = None
         self._engine.clear()
-        for waiter in self._drain_waiters:
-            _set_result_once(waiter)
-        self._drain_waiters = []
         if self._empty_waiter is not None and not self._empty_waiter.done():
             self._empty_waiter.set_exception(ConnectionError("Connection is closed by peer"))
         self._loop.call_soon(self._call_connection_lost, self._error)
@@ -592,8 +577,3 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
             raise
         finally:
             steps.close()
-
-
-def _set_result_once(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
