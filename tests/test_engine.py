@@ -17,14 +17,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktls.constants import AlertDescription, ContentType, TLSVersion
+from ktls.constants import AlertDescription, AlertLevel, ContentType, HandshakeType, TLSVersion
 from ktls.core.connection import Connection
 from ktls.core.control import ControlRecords, Role, key_update_message
 from ktls.core.handoff import Installed
 from ktls.engine import Engine
 from ktls.errors import RecordAuthenticationError
 from ktls.kernel import CipherType, CryptoInfo, Direction
-from ktls.kernel.uapi import SOL_TLS, TLS_SET_RECORD_TYPE
+from ktls.kernel.uapi import SOL_TLS, TLS_GET_RECORD_TYPE, TLS_SET_RECORD_TYPE
 
 KEY_UPDATE = key_update_message(update_requested=False)
 CLOSE_NOTIFY = bytes((1, AlertDescription.close_notify))
@@ -161,3 +161,105 @@ def test_tls12_close_notify_from_the_peer_is_answered_behind_queued_data() -> No
         ("record", (ContentType.ALERT, CLOSE_NOTIFY)),
         ("shutdown", None),
     ]
+
+
+# -- reading: the kernel's recvmsg, scripted --------------------------------------------------------------------
+
+
+#: A NewSessionTicket (lifetime, age_add, empty nonce, a ticket of the given size, no extensions).
+def new_session_ticket(ticket_size: int) -> bytes:
+    body = b"\x00\x00\x0e\x10" + b"\x01\x02\x03\x04" + b"\x00" + ticket_size.to_bytes(2, "big") + bytes(ticket_size)
+    body += b"\x00\x00"
+    return bytes([HandshakeType.NEW_SESSION_TICKET]) + len(body).to_bytes(3, "big") + body
+
+
+Record = tuple[ContentType, bytes]
+
+
+class ScriptedReceiver:
+    """The kernel's side of ``recvmsg_into`` on a kTLS socket, as ``tls_sw_recvmsg`` behaves: application data
+    from as many records as fit, scattered over the buffers in order, the rest of a record kept for the next
+    call; a record of another type only as the first of a call, alone, with its type in the control message;
+    ``BlockingIOError`` once nothing is left."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records = list(records)
+
+    def recvmsg_into(self, buffers: list[memoryview], ancbufsize: int) -> tuple[int, list[Any], int, None]:
+        if not self.records:
+            raise BlockingIOError
+        room = sum(len(buffer) for buffer in buffers)
+        kind = self.records[0][0]
+        taken = bytearray()
+        while self.records and self.records[0][0] == kind and len(taken) < room:
+            record_type, payload = self.records.pop(0)
+            part = payload[: room - len(taken)]
+            taken += part
+            if len(part) < len(payload):
+                self.records.insert(0, (record_type, payload[len(part) :]))
+            if kind != ContentType.APPLICATION_DATA:
+                break
+        offset = 0
+        for buffer in buffers:
+            chunk = taken[offset : offset + len(buffer)]
+            buffer[: len(chunk)] = chunk
+            offset += len(chunk)
+        return len(taken), [(SOL_TLS, TLS_GET_RECORD_TYPE, bytes([kind]))], 0, None
+
+    def recvmsg(self, bufsize: int, ancbufsize: int) -> tuple[bytes, list[Any], int, None]:
+        buffer = bytearray(bufsize)
+        n, ancdata, flags, address = self.recvmsg_into([memoryview(buffer)], ancbufsize)
+        return bytes(buffer[:n]), ancdata, flags, address
+
+
+received_records = st.lists(
+    st.one_of(
+        st.binary(min_size=1, max_size=16384).map(lambda data: (ContentType.APPLICATION_DATA, data)),
+        st.integers(0, 16000).map(lambda size: (ContentType.HANDSHAKE, new_session_ticket(size))),
+        st.just((ContentType.ALERT, bytes((AlertLevel.WARNING, AlertDescription.user_canceled)))),
+    ),
+    max_size=12,
+)
+
+
+def not_a_flood(records: list[Record]) -> bool:
+    """At most a few warning alerts without application data between them (more is a flood, and fatal)."""
+    run = 0
+    for kind, _ in records:
+        run = 0 if kind == ContentType.APPLICATION_DATA else run + (kind == ContentType.ALERT)
+        if run > 3:
+            return False
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(received_records.filter(not_a_flood), st.lists(st.integers(1, 20000), min_size=1, max_size=8), st.booleans())
+def test_what_is_read_whatever_the_buffer(records: list[Record], sizes: list[int], into: bool) -> None:
+    """Read with ``read_into`` (buffers of the given sizes, in turn) or ``read``: the application data arrives
+    byte for byte and in order, whatever the buffer's size against the records'; every control record reaches
+    the connection whole (an alert read in pieces is a decode error, and the read would raise)."""
+    control = ControlRecords(TLSVersion.TLS1_3, Role.CLIENT, next_key)
+    connection = Connection(
+        TLSVersion.TLS1_3, Role.CLIENT, installed=Installed(control, kernel_tx=True, kernel_rx=True)
+    )
+    engine = Engine(cast(socket.socket, ScriptedReceiver(records)), None, connection)
+    received = bytearray()
+    turn = 0
+    while True:
+        size = sizes[turn % len(sizes)]
+        turn += 1
+        try:
+            if into:
+                buffer = bytearray(size)
+                n = engine.read_into(memoryview(buffer))
+                if n:
+                    received += buffer[:n]
+            else:
+                data = engine.read(size)
+                if data:
+                    assert len(data) <= size
+                    received += data
+        except BlockingIOError:
+            break
+    assert not engine.plaintext
+    assert bytes(received) == b"".join(data for kind, data in records if kind == ContentType.APPLICATION_DATA)

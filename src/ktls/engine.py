@@ -230,28 +230,29 @@ class Engine:
         return n
 
     def _read_kernel_into(self, view: memoryview) -> int | None:
-        """One ``recvmsg`` into ``view`` (through the scratch buffer when ``view`` cannot hold a record)."""
-        small = len(view) < RECORD_BUFFER
-        if small:
+        """One ``recvmsg`` into ``view``. A ``view`` smaller than a record is read together with the scratch
+        buffer behind it (one scattered ``recvmsg_into``): a record that fits lands in ``view`` with no copy,
+        the rest of a longer one lands in the scratch buffer and waits in :attr:`plaintext`, and a control
+        record always comes back whole."""
+        size = len(view)
+        if size < RECORD_BUFFER:
             if self._scratch is None:
                 self._scratch = memoryview(bytearray(RECORD_BUFFER))
-            target = self._scratch
+            buffers = [view, self._scratch]
         else:
-            target = view
+            buffers = [view]
         try:
-            n, ancdata, msg_flags, _ = self.sock.recvmsg_into([target], _CMSG_SPACE)
+            n, ancdata, msg_flags, _ = self.sock.recvmsg_into(buffers, _CMSG_SPACE)
         except OSError as exc:
             self.receive_failed(exc)
         if not ancdata or ancdata[0] != _APPLICATION_DATA_CMSG or msg_flags & _MSG_CTRUNC:
-            return self._not_application_data(syscalls.record_type(ancdata, msg_flags), bytes(target[:n]))
+            data = bytes(view[:n]) if n <= size else bytes(view) + bytes(buffers[1][: n - size])
+            return self._not_application_data(syscalls.record_type(ancdata, msg_flags), data)
         if actions := self.connection.application_data():
             self.run(actions)
-        if small:
-            taken = min(n, len(view))
-            view[:taken] = target[:taken]
-            if n > taken:
-                self.plaintext += target[taken:n]
-            return taken
+        if n > size:
+            self.plaintext += buffers[1][: n - size]
+            return size
         return n
 
     def _not_application_data(self, content_type: ContentType | int | None, data: bytes) -> int | None:
