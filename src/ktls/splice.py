@@ -12,10 +12,10 @@ Theory of operation.
   (``test_what_splice_returns_at_a_control_record``), the same on 5.10 and Debian's 6.1, 6.12, 7.2 and 7.3-rc: the
   kernel decrypts the record, puts it back at the head of its receive queue and fails the call with
   ``EINVAL``; nothing of it reaches the pipe and nothing of the data before it is held back. A ``recvmsg``
-  with room for the ``TLS_GET_RECORD_TYPE`` control message then returns exactly that record with its type,
-  which goes to the connection core (:meth:`ktls.core.connection.Connection.control_record`); its actions (a
-  KeyUpdate's new receive key, our KeyUpdate in answer, the end of the read side) are carried out by the
-  front end before the next splice. On 7.x a peer's KeyUpdate makes the kernel refuse further records
+  with room for the ``TLS_GET_RECORD_TYPE`` control message (:meth:`ktls.engine.Engine.read`) then returns
+  exactly that record with its type, which goes to the connection core
+  (:meth:`ktls.core.connection.Connection.control_record`); its actions (a KeyUpdate's new receive key, our
+  KeyUpdate in answer, the end of the read side) are carried out by the engine before the next splice. On 7.x a peer's KeyUpdate makes the kernel refuse further records
   (``EKEYEXPIRED``) and hide readability until the new key is set, so the new key must be installed right
   after that ``recvmsg``, before any wait — it is (the core answers with ``InstallKey``, carried out at once).
 * **End of stream**: ``splice`` returns 0 at the peer's FIN (a close_notify arrives as a control record first).
