@@ -15,9 +15,10 @@ Theory of operation.
   with room for the ``TLS_GET_RECORD_TYPE`` control message (:meth:`ktls.engine.Engine.read`) then returns
   exactly that record with its type, which goes to the connection core
   (:meth:`ktls.core.connection.Connection.control_record`); its actions (a KeyUpdate's new receive key, our
-  KeyUpdate in answer, the end of the read side) are carried out by the engine before the next splice. On 7.x a peer's KeyUpdate makes the kernel refuse further records
-  (``EKEYEXPIRED``) and hide readability until the new key is set, so the new key must be installed right
-  after that ``recvmsg``, before any wait — it is (the core answers with ``InstallKey``, carried out at once).
+  KeyUpdate in answer, the end of the read side) are carried out by the engine before the next splice. On 7.x
+  a peer's KeyUpdate makes the kernel refuse further records (``EKEYEXPIRED``) and hide readability until the
+  new key is set, so the new key must be installed right after that ``recvmsg``, before any wait — it is (the
+  core answers with ``InstallKey``, carried out at once).
 * **End of stream**: ``splice`` returns 0 at the peer's FIN (a close_notify arrives as a control record first).
 * **Send** (:func:`splice_from`): ``splice(fd → pipe)``, then ``splice(pipe → ktls socket)``: the kernel
   encrypts the pipe's pages into records (``tls_sw_sendpage``; ``MSG_SPLICE_PAGES`` from 6.5 on).
