@@ -297,7 +297,9 @@ def splice_to(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[Wait
                 yield Wait(sock.fileno(), writable=False)
                 continue
             except _ControlRecordNext:
-                data = engine.read(RECORD_BUFFER)  # the record whole, with its type, to the connection
+                # The record whole, with its type, to the connection (the engine reads a control record whole
+                # into any size; application data beyond count waits in its plaintext).
+                data = engine.read(min(count, RECORD_BUFFER))
             except OSError as exc:
                 engine.receive_failed(exc)
             else:
@@ -309,9 +311,6 @@ def splice_to(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[Wait
                 yield from _drain(pipe, fd)
                 return moved
         if data is not None:  # application data (after all), or the end: b""
-            if len(data) > count:  # a whole record read where a splice would have taken count bytes
-                engine.plaintext[:0] = data[count:]
-                data = data[:count]
             return (yield from _deliver(engine, fd, data))
     return 0
 
