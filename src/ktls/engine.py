@@ -45,6 +45,7 @@ import os
 import select
 import socket
 import ssl
+import time
 from collections.abc import Callable, Generator
 from typing import IO, TYPE_CHECKING, NoReturn, Union
 
@@ -55,7 +56,7 @@ from .core.control import Fail, InstallKey, ResumeReceive, SendAlert, SendHandsh
 from .core.handshake import Handshake
 from .core.userspace import UserspaceTLS
 from .errors import KernelTLSFailure, KernelTLSUnavailable, RecordError
-from .kernel import syscalls
+from .kernel import syscalls, tcp
 from .kernel.uapi import Direction
 
 if TYPE_CHECKING:
@@ -74,6 +75,8 @@ _CIPHERTEXT_READ = 256 * 1024
 _SENDFILE_CHUNK = 1 << 24
 #: Bytes per read of a file that is sent by reading it.
 _COPY_CHUNK = 64 * 1024
+#: While lingering: how often the send queue is looked at again (``SIOCOUTQ`` cannot be waited for).
+_LINGER_RECHECK = 0.005
 
 _APPLICATION_DATA_CMSG = syscalls.APPLICATION_DATA_CMSG
 _CMSG_SPACE = syscalls.RECORD_TYPE_CMSG_SPACE
@@ -82,10 +85,13 @@ _MSG_CTRUNC = syscalls.MSG_CTRUNC
 
 @dataclasses.dataclass(frozen=True)
 class Wait:
-    """What a splice loop waits for before it goes on: ``fd`` readable, or writable."""
+    """What one of the engine's loops (sendfile, splice, drain, linger) waits for before it goes on: ``fd``
+    readable, or writable. With ``until`` (a ``time.monotonic()`` instant) the loop keeps its own time: it is
+    resumed then whether ``fd`` became ready or not, and the front end's timeout does not apply."""
 
     fd: int
     writable: bool
+    until: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,6 +442,11 @@ class Engine:
             self.on_flushed()
         return not self.queue
 
+    def drain(self) -> Generator[Wait, None, None]:
+        """:meth:`flush` until the queue is empty, yielding a wait for room whenever the socket is full."""
+        while not self.flush():
+            yield Wait(self.sock.fileno(), writable=True)
+
     def _enqueue(self, item: Item) -> None:
         self._writable_queue().append(item)
         self.queued += _size(item)
@@ -499,6 +510,32 @@ class Engine:
         self.flush()
         return True
 
+    def linger(self, seconds: float) -> Generator[Wait, None, None]:
+        """Before the descriptor goes: ``SHUT_WR``, drop what has arrived, and while the peer has not acknowledged
+        all our bytes keep dropping what it sends until it has, or its FIN comes (at most ``seconds``).
+
+        Closing a socket with unread data makes the kernel send a reset and throw away its send queue — our
+        last records and our close_notify, including bytes sent but not yet acknowledged, which a lost
+        segment would need again. Data arriving after the close does the same while anything of ours is
+        still queued. The usual culprit is a TLS 1.3 server's NewSessionTickets, which it writes only once it
+        has read our Finished, so they can land just as we close. Once the peer has acknowledged everything,
+        nothing of ours is at risk, so a close never waits for a peer that merely keeps its side open.
+        """
+        self._shut_wr()
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                while self.discard():
+                    pass
+                return  # the peer's FIN, or an error: nothing more will arrive
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if not tcp.unacknowledged(self.sock) or now >= deadline:
+                return
+            # Wake up on data or FIN; look at the send queue again every few milliseconds meanwhile.
+            yield Wait(self.sock.fileno(), writable=False, until=min(deadline, now + _LINGER_RECHECK))
+
     def _shut_wr(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -555,12 +592,14 @@ def _size(item: Item) -> int:
 # -- waiting, each front end its way ----------------------------------------------------------------------------
 
 
-def wait_blocking(wait: Wait, timeout: float | None) -> None:
-    """Wait for ``wait`` with ``poll``, up to ``timeout`` seconds (``None``: no limit): ``TimeoutError`` after."""
+def wait_blocking(wait: Wait, timeout: float | None) -> bool:
+    """Wait for ``wait`` with ``poll``, up to ``timeout`` seconds (``None``: no limit; ``wait.until`` instead when
+    it has one): whether ``wait.fd`` is ready."""
+    if wait.until is not None:
+        timeout = max(0.0, wait.until - time.monotonic())
     poller = select.poll()
     poller.register(wait.fd, select.POLLOUT if wait.writable else select.POLLIN)
-    if not poller.poll(None if timeout is None else timeout * 1000):
-        raise TimeoutError(f"timed out ({'sending' if wait.writable else 'receiving'})")
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 async def wait_async(loop: asyncio.AbstractEventLoop, wait: Wait) -> None:

@@ -12,7 +12,7 @@ and every decision the connection core's; what is the Stream's own is how it wai
   waiting; ``recvmsg`` itself sees the record. Trying first and polling after ``EAGAIN`` would cost a third
   syscall on every read that has to wait (request/response traffic, measured: half the round trips).
   Non-blocking streams are plain ``O_NONBLOCK``. Only what the engine queued (control records, OpenSSL's
-  records on fallback) is waited for with ``poll`` (:meth:`Stream._drain`).
+  records on fallback) is waited for with ``poll`` (:meth:`Stream._wait_for`).
 * **Fallback.** When the kernel cannot take over (no ``tls`` ULP, a cipher or version it lacks), the stream
   keeps working in user space over the same ``SSLObject`` and ``fallback_reason`` says why;
   ``require_kernel=True`` raises instead. A TLS 1.3 client reads its first records through OpenSSL so that
@@ -20,7 +20,7 @@ and every decision the connection core's; what is the Stream's own is how it wai
 * **close_notify** is sent by ``shutdown(SHUT_WR)`` and ``close()`` behind everything ``send`` accepted; when
   the send buffer is full it waits for room (bounded) rather than dropping it (rustls/ktls#78). Writes after it
   raise :class:`~ktls.errors.StreamClosed`, never return 0 (rustls/ktls#72). ``close()`` then lingers
-  (:meth:`Stream._linger`) so that a reset cannot destroy our last records.
+  (:meth:`ktls.engine.Engine.linger`) so that a reset cannot destroy our last records.
 * **Fatal alerts we send** are followed by a half-close and a short wait for the peer's FIN before the error
   is raised (:meth:`Stream._failed`): closing with unread data makes the kernel send a reset that can destroy
   the alert.
@@ -35,12 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import select
 import socket
 import ssl
-import struct
-import sys
 import time
 from collections.abc import Callable, Generator
 from typing import Any, BinaryIO, Literal, TypeVar
@@ -52,12 +49,14 @@ from .core.handshake import Handshake
 from .core.keys import ConnectionKeys
 from .engine import Engine, Wait, wait_blocking
 from .errors import KernelTLSUnavailable, StreamClosed
+from .kernel import tcp
 from .tlsinfo import TLSInformation
 
 __all__ = ["Stream", "wrap_socket"]
 
 _Into = TypeVar("_Into", int, memoryview)  # what a read is given: a size, or a buffer
 _Read = TypeVar("_Read", bytes, int)  # what it returns: the bytes, or how many
+_T = TypeVar("_T")
 
 #: How long close() waits to send its close_notify into a full send buffer, and an alert's wait for the peer's
 #: FIN.
@@ -68,8 +67,6 @@ _LINGER = 1.0
 #: Fallback (userspace TLS): how long close() keeps sending records ``send`` already accepted, when the
 #: stream has no timeout of its own (asyncio's ``ssl_shutdown_timeout`` default). Past it, close() raises.
 _CLOSE_FLUSH_TIMEOUT = 30.0
-#: ``ioctl`` (``include/uapi/asm-generic/ioctls.h``).
-_SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in a TCP socket's send queue not yet acknowledged by the peer
 
 
 def wrap_socket(
@@ -113,14 +110,6 @@ def wrap_socket(
         sock.close()
         raise
     return Stream(sock, established.handshake, connection)
-
-
-def _unacknowledged(sock: socket.socket) -> int:
-    """Bytes queued on ``sock`` that the peer has not acknowledged yet (``SIOCOUTQ``); 0 when it cannot be told."""
-    try:
-        return int.from_bytes(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(4)), sys.byteorder)
-    except OSError:
-        return 0
 
 
 class Stream(TLSInformation):
@@ -225,7 +214,7 @@ class Stream(TLSInformation):
         engine = self._engine
         try:
             if engine.queue:
-                self._drain(self._timeout)  # what is queued goes first
+                self._wait_for(engine.drain(), self._timeout, "sending")  # what is queued goes first
             sent = engine.send(data)
         except BlockingIOError:
             raise self._would_block("sending") from None
@@ -235,7 +224,7 @@ class Stream(TLSInformation):
         if engine.queue and self._timeout != 0.0:
             # OpenSSL's records wait for room, as on a blocking socket; past the timeout they stay accepted.
             with contextlib.suppress(TimeoutError):
-                self._drain(self._timeout)
+                self._wait_for(engine.drain(), self._timeout, "sending")
         return sent
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -262,8 +251,7 @@ class Stream(TLSInformation):
                 sent = next(steps)  # the socket is full
                 if self._timeout == 0.0 and sent:
                     return sent
-                deadline = None if self._timeout is None else time.monotonic() + self._timeout
-                self._wait_writable(deadline, self._timeout == 0.0, "sending")
+                self._wait(Wait(self._sock.fileno(), writable=True), self._timeout, "sending")
         except StopIteration as done:
             total: int = done.value
         except Exception:
@@ -273,7 +261,7 @@ class Stream(TLSInformation):
             steps.close()
         if self._engine.queue and self._timeout != 0.0:
             with contextlib.suppress(TimeoutError):
-                self._drain(self._timeout)
+                self._wait_for(self._engine.drain(), self._timeout, "sending")
         return total
 
     def key_update(self, request_peer_update: bool = False) -> None:
@@ -281,7 +269,7 @@ class Stream(TLSInformation):
         self._check_open()
         self._engine.key_update(request_peer_update)
         with contextlib.suppress(TimeoutError):
-            self._drain(_CLOSE_TIMEOUT)
+            self._wait_for(self._engine.drain(), _CLOSE_TIMEOUT, "KeyUpdate")
 
     # -- waiting ------------------------------------------------------------------------------------------------
 
@@ -292,24 +280,23 @@ class Stream(TLSInformation):
             return TimeoutError(f"timed out ({what})")
         return BlockingIOError(errno.EAGAIN, f"the TLS stream would block ({what})")
 
-    def _drain(self, timeout: float | None) -> None:
-        """Wait until everything queued (control records, OpenSSL's records) has been sent: ``BlockingIOError``
-        for ``timeout`` 0, ``TimeoutError`` past ``timeout`` (``None``: no limit)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._engine.flush():
-            self._wait_writable(deadline, timeout == 0.0, f"{self._engine.queued} bytes not sent")
+    def _wait_for(self, steps: Generator[Wait, None, _T], timeout: float | None, what: str) -> _T:
+        """Run one of the engine's loops (drain, linger, splice) to its end, each of its waits as :meth:`_wait`."""
+        try:
+            while True:
+                self._wait(next(steps), timeout, what)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+        finally:
+            steps.close()
 
-    def _wait_writable(self, deadline: float | None, nonblocking: bool, what: str) -> None:
-        """``poll`` until the socket takes more, or ``deadline``: ``BlockingIOError`` when ``nonblocking``,
-        ``TimeoutError`` past the deadline."""
-        if nonblocking:
+    def _wait(self, wait: Wait, timeout: float | None, what: str) -> None:
+        """One wait with ``poll``, up to ``timeout`` (``None``: no limit): ``BlockingIOError`` at once for 0,
+        ``TimeoutError`` past it. A wait that keeps its own time (``Wait.until``) just returns then."""
+        if wait.until is None and timeout == 0.0:
             raise BlockingIOError(errno.EAGAIN, f"the TLS stream would block ({what})")
-        remaining = None if deadline is None else deadline - time.monotonic()
-        poller = select.poll()
-        poller.register(self._sock, select.POLLOUT)
-        if (remaining is not None and remaining <= 0) or not poller.poll(
-            None if remaining is None else remaining * 1000
-        ):
+        if not wait_blocking(wait, timeout) and wait.until is None:
             raise TimeoutError(errno.ETIMEDOUT, f"timed out ({what})")
 
     def _failed(self) -> None:
@@ -318,7 +305,7 @@ class Stream(TLSInformation):
         try:
             if not self._engine.fail():
                 return
-            self._drain(_CLOSE_TIMEOUT)
+            self._wait_for(self._engine.drain(), _CLOSE_TIMEOUT, "alert")
             poller = select.poll()
             poller.register(self._sock, select.POLLRDHUP | select.POLLHUP)
             deadline = time.monotonic() + _DRAIN_TIMEOUT
@@ -350,7 +337,7 @@ class Stream(TLSInformation):
         engine = self._engine
         bound = self._timeout if self._timeout else _CLOSE_FLUSH_TIMEOUT
         try:
-            self._drain(bound)
+            self._wait_for(engine.drain(), bound, "close")
         except TimeoutError:
             lost = engine.queued
             engine.clear()
@@ -358,7 +345,7 @@ class Stream(TLSInformation):
             raise TimeoutError(errno.ETIMEDOUT, f"{message}: the peer read nothing for {bound:g} s") from None
         engine.close_write()
         with contextlib.suppress(TimeoutError):
-            self._drain(_CLOSE_TIMEOUT)  # only our close_notify is left: the peer sees a ragged EOF
+            self._wait_for(engine.drain(), _CLOSE_TIMEOUT, "close_notify")  # else the peer sees a ragged EOF
 
     def close(self) -> None:
         """Send close_notify (unless the connection failed), then release the descriptor — always."""
@@ -380,7 +367,8 @@ class Stream(TLSInformation):
         except OSError:
             pass
         try:
-            self._linger()  # also when the close_notify could not be sent: a reset must not follow our data
+            # Also when the close_notify could not be sent: a reset must not follow our data.
+            self._wait_for(self._engine.linger(_LINGER), None, "linger")
         except OSError:
             pass
         finally:
@@ -388,40 +376,6 @@ class Stream(TLSInformation):
             splice.release(self)  # the pipes of splice_to/splice_from, if any
         if undelivered is not None:
             raise undelivered
-
-    def _linger(self) -> None:
-        """Before the descriptor goes: discard what has arrived, and while the peer has not acknowledged all
-        our bytes keep discarding until it has, or its FIN comes (at most ``_LINGER`` seconds).
-
-        Closing a socket with unread data makes the kernel send a reset and throw away its send queue — our
-        last records and our close_notify, including bytes sent but not yet acknowledged, which a lost
-        segment would need again. Data arriving after the close does the same while anything of ours is
-        still queued. The usual culprit is a TLS 1.3 server's NewSessionTickets, which it writes only once it
-        has read our Finished, so they can land just as we close. Once the peer has acknowledged everything,
-        nothing of ours is at risk, so a close never waits for a peer that merely keeps its side open.
-        """
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + _LINGER
-        poller: select.poll | None = None
-        while self._discard_arrived() and _unacknowledged(self._sock):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            if poller is None:
-                poller = select.poll()
-                poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
-            # Wake up on data or FIN; look at the send queue again every few milliseconds meanwhile.
-            poller.poll(min(remaining, 0.005) * 1000)
-
-    def _discard_arrived(self) -> bool:
-        """Read and drop whatever is readable now; ``False`` at the peer's FIN or an error."""
-        try:
-            while self._engine.discard():
-                pass
-        except BlockingIOError:
-            return True
-        return False
 
     def detach(self) -> int:
         raise NotImplementedError("a kernel TLS socket cannot be detached")
@@ -446,15 +400,7 @@ class Stream(TLSInformation):
         if timeout is not None and timeout < 0:
             raise ValueError("Timeout value out of range")
         self._sock.settimeout(0.0 if timeout == 0 else None)
-        waiting = timeout or 0.0  # 0 in SO_RCVTIMEO/SO_SNDTIMEO: no limit
-        seconds, microseconds = int(waiting), round((waiting - int(waiting)) * 1e6)
-        if microseconds >= 1_000_000:
-            seconds, microseconds = seconds + 1, 0
-        if waiting and not (seconds or microseconds):
-            microseconds = 1  # a tiny timeout must not turn into none
-        value = struct.pack("@ll", seconds, microseconds)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        tcp.set_timeouts(self._sock, timeout)
         self._timeout = None if timeout is None else float(timeout)
 
     def gettimeout(self) -> float | None:
@@ -540,14 +486,7 @@ class Stream(TLSInformation):
     def _splice(self, steps: Generator[Wait, None, int]) -> int:
         """Run a splice loop, waiting with ``poll`` up to the stream's timeout."""
         try:
-            while True:
-                wait = next(steps)
-                if wait.fd == self._sock.fileno() and self._timeout == 0.0:
-                    raise BlockingIOError
-                wait_blocking(wait, self._timeout)
-        except StopIteration as done:
-            moved: int = done.value
-            return moved
+            return self._wait_for(steps, self._timeout, "splice")
         except splice.DescriptorFailed as failed:
             raise failed.error from None
         except BlockingIOError:
@@ -557,5 +496,3 @@ class Stream(TLSInformation):
         except Exception:
             self._failed()
             raise
-        finally:
-            steps.close()
