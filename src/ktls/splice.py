@@ -66,10 +66,11 @@ import select
 import socket
 import struct
 import weakref
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 from .core.connection import Receiving, Sending
 from .engine import RECORD_BUFFER, Engine, Wait
+from .errors import StreamClosed
 from .kernel.probe import kernel_version
 
 __all__ = [
@@ -162,6 +163,23 @@ class DescriptorFailed(Exception):
     def __init__(self, error: OSError) -> None:
         super().__init__(error)
         self.error = error
+
+
+@contextlib.contextmanager
+def failures(connection_failed: Callable[[Exception], None]) -> Iterator[None]:
+    """Around a front end's splice: whose fault each error is. The other descriptor's (:class:`DescriptorFailed`)
+    is raised as it is; ``BlockingIOError`` and :class:`~ktls.errors.StreamClosed` (our write side had closed:
+    the caller's mistake) pass; anything else failed the TLS connection: ``connection_failed(error)``, then it
+    is raised."""
+    try:
+        yield
+    except DescriptorFailed as failed:
+        raise failed.error from None
+    except (BlockingIOError, StreamClosed):
+        raise
+    except Exception as exc:
+        connection_failed(exc)
+        raise
 
 
 @contextlib.contextmanager

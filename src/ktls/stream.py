@@ -48,7 +48,7 @@ from .core.connection import Connection
 from .core.handshake import Handshake
 from .core.keys import ConnectionKeys
 from .engine import Engine, Wait, wait_blocking
-from .errors import KernelTLSUnavailable, StreamClosed
+from .errors import KernelTLSUnavailable
 from .kernel import tcp
 from .tlsinfo import TLSInformation
 
@@ -486,13 +486,7 @@ class Stream(TLSInformation):
     def _splice(self, steps: Generator[Wait, None, int]) -> int:
         """Run a splice loop, waiting with ``poll`` up to the stream's timeout."""
         try:
-            return self._wait_for(steps, self._timeout, "splice")
-        except splice.DescriptorFailed as failed:
-            raise failed.error from None
+            with splice.failures(lambda _: self._failed()):
+                return self._wait_for(steps, self._timeout, "splice")
         except BlockingIOError:
             raise self._would_block("splice") from None
-        except StreamClosed:
-            raise  # our write side had closed: the caller's mistake, not the connection's failure
-        except Exception:
-            self._failed()
-            raise

@@ -62,7 +62,7 @@ async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int)
             return sock.recv(size, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             waiter: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(sock.fileno(), _set_result_once, waiter)
+            loop.add_reader(sock.fileno(), set_result_once, waiter)
             try:
                 await waiter
             finally:
@@ -114,6 +114,7 @@ else:  # pragma: no cover - Python 3.10
     _within = asyncio.wait_for
 
 
-def _set_result_once(waiter: asyncio.Future[None]) -> None:
+def set_result_once(waiter: asyncio.Future[None]) -> None:
+    """Wake ``waiter`` (a reader callback may run again before the awaiting task does)."""
     if not waiter.done():
         waiter.set_result(None)

@@ -23,7 +23,7 @@ from ..core.connection import Connection
 from ..core.driver import take_over_with_keys
 from ..core.handshake import Handshake
 from ..core.keys import ConnectionKeys
-from ._handshake import handshake
+from ._handshake import handshake, set_result_once
 from .transport import KTLSTransport
 
 __all__ = ["Server", "connect_with_keys", "create_connection", "create_server"]
@@ -221,7 +221,7 @@ async def _start_transport(  # noqa: PLR0917 - private: the pieces both ways of 
     )
     # connection_made runs before we return, as with asyncio (it was scheduled first).
     waiter = loop.create_future()
-    loop.call_soon(_set_result_once, waiter)
+    loop.call_soon(set_result_once, waiter)
     try:
         await waiter
     except BaseException:
@@ -253,11 +253,6 @@ async def connect_with_keys(
         sock, keys, server_side=server_side, tx_seq=tx_seq, rx_seq=rx_seq, tx_explicit_nonce=tx_explicit_nonce
     )
     return await _start_transport(loop, sock, None, connection, protocol_factory, ssl_shutdown_timeout, early_data)
-
-
-def _set_result_once(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class Server(asyncio.AbstractServer):

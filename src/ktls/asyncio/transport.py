@@ -29,6 +29,7 @@ connection core's; the transport waits with the event loop and talks to the prot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -554,9 +555,13 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
     async def _splice(self, steps: Generator[Wait, None, int], *, stop_at_close: bool = False) -> int:
         """Run a splice loop, waiting with the event loop: a failure of the connection fails the transport, one
         of the other descriptor is raised as it is; with ``stop_at_close``, 0 once the transport closes."""
-        try:
+        with splice.failures(self._fatal_error), contextlib.closing(steps):
             while True:
-                wait = next(steps)
+                try:
+                    wait = next(steps)
+                except StopIteration as done:
+                    moved: int = done.value
+                    return moved
                 try:
                     await wait_async(self._loop, wait)
                 except OSError as exc:
@@ -565,15 +570,3 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
                     raise
                 if stop_at_close and self.is_closing():
                     return 0
-        except StopIteration as done:
-            moved: int = done.value
-            return moved
-        except splice.DescriptorFailed as failed:
-            raise failed.error from None
-        except StreamClosed:
-            raise  # our write side had closed: the caller's mistake, not the connection's failure
-        except Exception as exc:
-            self._fatal_error(exc)
-            raise
-        finally:
-            steps.close()
