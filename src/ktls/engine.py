@@ -87,11 +87,14 @@ _MSG_CTRUNC = syscalls.MSG_CTRUNC
 class Wait:
     """What one of the engine's loops (sendfile, splice, drain, linger) waits for before it goes on: ``fd``
     readable, or writable. With ``until`` (a ``time.monotonic()`` instant) the loop keeps its own time: it is
-    resumed then whether ``fd`` became ready or not, and the front end's timeout does not apply."""
+    resumed then whether ``fd`` became ready or not, and the front end's timeout does not apply. ``progress``:
+    the bytes the loop has moved so far, which a non-blocking caller gets instead of a wait (as ``send`` returns
+    what the socket took)."""
 
     fd: int
     writable: bool
     until: float | None = None
+    progress: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,12 +357,12 @@ class Engine:
         self._enqueue(data if isinstance(data, bytes) else bytes(data))
         self.flush()
 
-    def sendfile(self, file: IO[bytes], offset: int, count: int | None) -> Generator[int, None, int]:
+    def sendfile(self, file: IO[bytes], offset: int, count: int | None) -> Generator[Wait, None, int]:
         """Send ``count`` bytes of ``file`` from ``offset`` (to its end: ``None``), after what is queued. With the
         kernel sending, ``os.sendfile``: page-cache pages go through the kernel's TLS and no byte enters Python;
         otherwise (OpenSSL sends, a file without a descriptor, one the kernel cannot send from such as a pipe)
-        read and :meth:`write`. Yields the bytes sent so far whenever the socket is full — the front end waits
-        until it is writable and resumes, or stops there. Returns the bytes sent; the file position is left
+        read and :meth:`write`. Yields a wait for room (with the bytes sent so far) whenever the socket is full.
+        Returns the bytes sent; the file position is left
         after the last of them. While the queue is held (asyncio's sendfile) nothing is counted against the
         key's limit: the count is taken when the hold ends."""
         in_fd: int | None = None
@@ -373,7 +376,7 @@ class Engine:
                 want = _SENDFILE_CHUNK if count is None else min(_SENDFILE_CHUNK, count - total)
                 # Under a hold, what was queued meanwhile goes after the file; otherwise it goes first.
                 if self.queue and not self.hold and not self.flush():
-                    yield total
+                    yield Wait(self.sock.fileno(), writable=True, progress=total)
                     continue
                 if in_fd is None:
                     self.hold = False  # these writes go through the queue: it must flow
@@ -386,7 +389,7 @@ class Engine:
                 try:
                     sent = os.sendfile(self.sock.fileno(), in_fd, offset + total, want)
                 except (BlockingIOError, InterruptedError):
-                    yield total
+                    yield Wait(self.sock.fileno(), writable=True, progress=total)
                     continue
                 except OSError as exc:
                     if total or isinstance(exc, (ConnectionError, TimeoutError)):

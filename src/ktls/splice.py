@@ -277,12 +277,6 @@ def _deliver(engine: Engine, fd: int, data: bytes) -> Generator[Wait, None, int]
     return len(data)
 
 
-def _flush(engine: Engine) -> Generator[Wait, None, None]:
-    """Until everything the engine queued has been sent."""
-    while not engine.flush():
-        yield Wait(engine.sock.fileno(), writable=True)
-
-
 def _kernel_splices(engine: Engine, pipe: Pipe) -> bool:
     """Whether a splice now takes the next bytes in order: the kernel receives, nothing decrypted waits in user
     space, the pipe has room for a record, and (on :data:`SPLICE_SKIPS_RX_LIST` kernels) ``recvmsg`` has left
@@ -364,9 +358,9 @@ def _splice_from(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[W
     if not kernel:
         if data:
             engine.write(data)
-            yield from _flush(engine)
+            yield from engine.drain()
         return len(data)
-    yield from _flush(engine)  # what was queued before goes first
+    yield from engine.drain()  # what was queued before goes first
     engine.connection.check_writable()  # the write side may have closed meanwhile (close_notify just went)
     engine.hold = True
     moved = 0
@@ -385,5 +379,5 @@ def _splice_from(engine: Engine, pipe: Pipe, fd: int, count: int) -> Generator[W
         if engine.queue:  # what was queued meanwhile (writes, a KeyUpdate, close_notify), also after a failure
             with contextlib.suppress(OSError):  # the next flush (or the writer callback) meets it again
                 engine.flush()
-    yield from _flush(engine)
+    yield from engine.drain()
     return moved

@@ -245,20 +245,13 @@ class Stream(TLSInformation):
         (``BlockingIOError`` if nothing)."""
         self._check_open()
         self._connection.check_writable()
-        steps = self._engine.sendfile(file, offset, count)
         try:
-            while True:
-                sent = next(steps)  # the socket is full
-                if self._timeout == 0.0 and sent:
-                    return sent
-                self._wait(Wait(self._sock.fileno(), writable=True), self._timeout, "sending")
-        except StopIteration as done:
-            total: int = done.value
+            total = self._wait_for(self._engine.sendfile(file, offset, count), self._timeout, "sending")
+        except BlockingIOError:
+            raise self._would_block("sending") from None
         except Exception:
             self._failed()
             raise
-        finally:
-            steps.close()
         if self._engine.queue and self._timeout != 0.0:
             with contextlib.suppress(TimeoutError):
                 self._wait_for(self._engine.drain(), self._timeout, "sending")
@@ -281,10 +274,14 @@ class Stream(TLSInformation):
         return BlockingIOError(errno.EAGAIN, f"the TLS stream would block ({what})")
 
     def _wait_for(self, steps: Generator[Wait, None, _T], timeout: float | None, what: str) -> _T:
-        """Run one of the engine's loops (drain, linger, splice) to its end, each of its waits as :meth:`_wait`."""
+        """Run one of the engine's loops (sendfile, splice, drain, linger) to its end, each of its waits as
+        :meth:`_wait`; non-blocking, what it has moved so far when it would wait having moved some."""
         try:
             while True:
-                self._wait(next(steps), timeout, what)
+                wait = next(steps)
+                if timeout == 0.0 and wait.progress:
+                    return wait.progress  # type: ignore[return-value]  # the loops that tell progress return int
+                self._wait(wait, timeout, what)
         except StopIteration as done:
             result: _T = done.value
             return result

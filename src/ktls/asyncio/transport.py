@@ -405,23 +405,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         try:
             if kernel:
                 await self._make_empty_waiter()  # the queue is empty and held: the file goes next
-            steps = self._engine.sendfile(file, offset, count)
-            try:
-                while True:
-                    next(steps)  # the socket is full
-                    if self._lost:
-                        raise ConnectionError("the connection was lost during sendfile")
-                    await wait_async(self._loop, Wait(self._sock_fd, writable=True))
-            except StopIteration as done:
-                total: int = done.value
-                return total
-            except StreamClosed:
-                raise
-            except Exception as exc:
-                self._fatal_error(exc)
-                raise
-            finally:
-                steps.close()
+            return await self._wait_for(self._engine.sendfile(file, offset, count))
         finally:
             if kernel:
                 self._reset_empty_waiter()
@@ -541,7 +525,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         if self.is_closing() or count <= 0:
             return 0
         steps = splice.splice_to(self._engine, splice.pipes_of(self)[0], fd, count)
-        moved = await self._splice(steps, stop_at_close=True)
+        moved = await self._wait_for(steps, stop_at_close=True)
         if not moved and self.receiving is Receiving.CLOSED:
             self._on_eof()  # the splice met the end of the stream (not the transport's close)
         return moved
@@ -550,11 +534,12 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         """Move up to ``count`` bytes from the non-blocking descriptor ``fd`` into the connection with
         ``splice``, for the kernel to encrypt, in order with what was written before; 0 at ``fd``'s end. On
         fallback the same, by a copy (:mod:`ktls.splice`)."""
-        return await self._splice(splice.splice_from(self._engine, splice.pipes_of(self)[1], fd, count))
+        return await self._wait_for(splice.splice_from(self._engine, splice.pipes_of(self)[1], fd, count))
 
-    async def _splice(self, steps: Generator[Wait, None, int], *, stop_at_close: bool = False) -> int:
-        """Run a splice loop, waiting with the event loop: a failure of the connection fails the transport, one
-        of the other descriptor is raised as it is; with ``stop_at_close``, 0 once the transport closes."""
+    async def _wait_for(self, steps: Generator[Wait, None, int], *, stop_at_close: bool = False) -> int:
+        """Run one of the engine's loops (sendfile, splice), waiting with the event loop: a failure of the
+        connection fails the transport, one of the other descriptor is raised as it is
+        (:func:`ktls.splice.failures`); with ``stop_at_close``, 0 once the transport closes."""
         with splice.failures(self._fatal_error), contextlib.closing(steps):
             while True:
                 try:
@@ -562,6 +547,8 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
                 except StopIteration as done:
                     moved: int = done.value
                     return moved
+                if self._lost:
+                    raise ConnectionError("the connection was lost")
                 try:
                     await wait_async(self._loop, wait)
                 except OSError as exc:
