@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import socket
 import ssl
@@ -57,6 +58,14 @@ _FATAL_DRAIN_TIMEOUT = 0.5
 _READS_PER_CALL = 8
 #: Writes after the connection was lost that are ignored before a warning, like asyncio's transports.
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+
+
+class _Lifecycle(enum.Enum):
+    """Where a transport is in its life (the directions' own states are the connection's)."""
+
+    OPEN = enum.auto()  #: data flows both ways as the protocol asks
+    CLOSING = enum.auto()  #: close() or a failure: no more data for the protocol, no more writes; the end is awaited
+    LOST = enum.auto()  #: connection_lost is scheduled and the descriptor is going: nothing more happens
 
 
 class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base asyncio's sendfile fallback insists on
@@ -100,10 +109,9 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         self._protocol: asyncio.BaseProtocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._paused = False  # pause_reading()
-        self._closing = False  # close() or a failure: no more data for the protocol, no more writes
+        self._life = _Lifecycle.OPEN
         self._eof_written = False  # write_eof() was called
         self._read_done = False  # the peer's side ended: close_notify, EOF, or a failure
-        self._lost = False  # connection_lost is scheduled
         self._error: Exception | None = None  # what connection_lost will be given
         self._empty_waiter: asyncio.Future[None] | None = None
         self._reader_on = False
@@ -128,14 +136,14 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
     # -- the loop's plumbing --------------------------------------------------------------------------------------
 
     def _connection_made(self) -> None:
-        if not self._lost:
+        if self._life is not _Lifecycle.LOST:
             self._protocol.connection_made(self)
             self._update_reader()
 
     def _want_reader(self) -> bool:
-        if self._lost or self._read_done:
+        if self._life is _Lifecycle.LOST or self._read_done:
             return False
-        return self._closing or not self._paused
+        return self._life is _Lifecycle.CLOSING or not self._paused
 
     def _update_reader(self) -> None:
         want = self._want_reader()
@@ -152,7 +160,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
             self._remove_reader(self._sock_fd)
 
     def _set_writer(self, want: bool) -> None:
-        if want == self._writer_on or (want and self._lost):
+        if want == self._writer_on or (want and self._life is _Lifecycle.LOST):
             return
         self._writer_on = want
         if want:
@@ -197,19 +205,19 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         return self._protocol
 
     def is_closing(self) -> bool:
-        return self._closing or self._lost
+        return self._life is not _Lifecycle.OPEN
 
     def is_reading(self) -> bool:
-        return not self._paused and not self._closing and not self._lost
+        return not self._paused and self._life is _Lifecycle.OPEN
 
     def pause_reading(self) -> None:
-        if self._closing or self._lost or self._paused:
+        if self._life is not _Lifecycle.OPEN or self._paused:
             return
         self._paused = True
         self._update_reader()
 
     def resume_reading(self) -> None:
-        if self._closing or self._lost or not self._paused:
+        if self._life is not _Lifecycle.OPEN or not self._paused:
             return
         self._paused = False
         self._update_reader()
@@ -243,7 +251,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         read and drop until the peer's side ends."""
         engine = self._engine
         protocol = self._protocol
-        if self._closing:
+        if self._life is _Lifecycle.CLOSING:
             if not engine.discard():
                 self._on_eof()
         elif self._buffered:
@@ -268,7 +276,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
             return
         self._read_done = True
         self._update_reader()
-        if self._closing:
+        if self._life is _Lifecycle.CLOSING:
             self._maybe_finish()
             return
         protocol = self._protocol
@@ -296,10 +304,10 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         if not data:
             return
         connection = self._connection
-        if connection.write_closed_reason is not None and not self._lost:
+        if connection.write_closed_reason is not None and self._life is not _Lifecycle.LOST:
             # Not the application's close: the send key is spent and cannot be replaced. Say so, loudly.
             raise StreamClosed(connection.write_closed_reason)
-        if self._lost or self._closing or connection.sending is Sending.CLOSED:
+        if self._life is not _Lifecycle.OPEN or connection.sending is Sending.CLOSED:
             if self._lost_writes >= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 log.warning("ktls transport: write() after the connection was closed")
             self._lost_writes += 1
@@ -320,7 +328,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         try:
             self._engine.flush()
         except Exception as exc:
-            if self._closing and isinstance(exc, OSError):
+            if self._life is _Lifecycle.CLOSING and isinstance(exc, OSError):
                 self._close_now()  # the peer is gone; nothing more can reach it
             else:
                 self._fatal_error(exc)
@@ -328,7 +336,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
     def _flushed(self) -> None:
         """After every flush of the engine's queue: the writer callback while anything waits, flow control,
         sendfile's empty waiter, the end of a close."""
-        if self._lost:
+        if self._life is _Lifecycle.LOST:
             return
         engine = self._engine
         self._set_writer(bool(engine.queue))
@@ -356,7 +364,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
     def write_eof(self) -> None:
         """Send close_notify (after everything written), then ``shutdown(SHUT_WR)``. In TLS 1.3 the peer may go on
         sending and we go on reading (RFC 8446 §6.1)."""
-        if self._closing or self._eof_written or self._lost:
+        if self._life is not _Lifecycle.OPEN or self._eof_written:
             return
         self._eof_written = True
         try:
@@ -379,7 +387,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
     def _reset_empty_waiter(self) -> None:
         self._empty_waiter = None
         self._engine.hold = False
-        if self._lost:
+        if self._life is _Lifecycle.LOST:
             return
         try:
             if self._connection.record_limit is not None:
@@ -417,9 +425,9 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
     def close(self) -> None:
         """close_notify after everything written, ``SHUT_WR``, then wait (≤ ``ssl_shutdown_timeout``) for the peer
         to end its side; no more data reaches the protocol. ``connection_lost(None)`` follows."""
-        if self._closing or self._lost:
+        if self._life is not _Lifecycle.OPEN:
             return
-        self._closing = True
+        self._life = _Lifecycle.CLOSING
         self._update_reader()  # read (and drop) until the peer's side ends
         self._deadline = self._loop.call_later(self._shutdown_timeout, self._shutdown_timed_out)
         if self._connection.error is None:
@@ -432,7 +440,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
 
     def _shutdown_timed_out(self) -> None:
         self._deadline = None
-        if not self._lost:
+        if self._life is not _Lifecycle.LOST:
             if self._error is None and (self._engine.queue or not self._read_done):
                 self._error = TimeoutError("SSL shutdown timed out")
             self._close_now()
@@ -442,7 +450,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         self._close_now()
 
     def _maybe_finish(self) -> None:
-        if self._lost or not self._closing or self._engine.queue or self._empty_waiter is not None:
+        if self._life is not _Lifecycle.CLOSING or self._engine.queue or self._empty_waiter is not None:
             return
         if self._read_done:
             self._close_now()
@@ -450,7 +458,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
     def _fatal_error(self, exc: Exception) -> None:
         """The connection failed: tell the peer if there is an alert to send (half-close after it and wait
         briefly for the peer's FIN: a reset must not overtake it), then close."""
-        if self._lost:
+        if self._life is _Lifecycle.LOST:
             return
         if isinstance(exc, (OSError, ssl.SSLError)):
             log.debug("ktls transport %r: %s", self, exc)
@@ -464,7 +472,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
                 }
             )
         self._error = exc
-        self._closing = True
+        self._life = _Lifecycle.CLOSING
         try:
             alerting = self._engine.fail()
         except Exception:
@@ -480,10 +488,9 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
 
     def _close_now(self) -> None:
         """Release everything; ``connection_lost`` runs soon, then the descriptor is closed."""
-        if self._lost:
+        if self._life is _Lifecycle.LOST:
             return
-        self._closing = True
-        self._lost = True
+        self._life = _Lifecycle.LOST
         self._update_reader()
         self._set_writer(False)
         if self._deadline is not None:
@@ -506,12 +513,12 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
 
     def __del__(self) -> None:
         sock = getattr(self, "_sock", None)
-        if sock is not None and sock.fileno() != -1 and not getattr(self, "_lost", True):
+        if sock is not None and sock.fileno() != -1 and getattr(self, "_life", _Lifecycle.LOST) is not _Lifecycle.LOST:
             warnings.warn(f"unclosed transport {self!r}", ResourceWarning, source=self, stacklevel=1)
             sock.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._lost else "closing" if self._closing else f"fd={self._sock_fd}"
+        state = {_Lifecycle.CLOSING: "closing", _Lifecycle.LOST: "closed"}.get(self._life, f"fd={self._sock_fd}")
         return f"<ktls.asyncio.KTLSTransport {state} {self._connection.describe()}>"
 
     # -- splice (ktls.splice; kept last in the class so that it merges apart from the rest) ---------------------
@@ -547,7 +554,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
                 except StopIteration as done:
                     moved: int = done.value
                     return moved
-                if self._lost:
+                if self._life is _Lifecycle.LOST:
                     raise ConnectionError("the connection was lost")
                 try:
                     await wait_async(self._loop, wait)
