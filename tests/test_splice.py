@@ -458,3 +458,48 @@ def test_the_callers_mistakes_are_not_the_connections_failure(rsa_cert: CertFile
         asyncio.run(transport_side())
     os.close(refuses)
     os.close(other_end)
+
+
+def test_a_splice_waiting_when_the_transport_is_lost_ends(rsa_cert: CertFiles) -> None:
+    """``abort()`` while a ``splice_to`` waits for the peer and a ``splice_from`` for its descriptor: both end at
+    once (``splice_to`` with 0, as after a close; ``splice_from`` with ``ConnectionError``) instead of waiting on
+    a descriptor that is gone — their waits watch a duplicate of the socket, which keeps it open, so without a
+    wake-up they would wait for the peer that will now never send. The host: userspace TLS."""
+
+    async def main() -> None:
+        server_context, client_context = contexts(rsa_cert, ssl.TLSVersion.TLSv1_3)
+        peer_done = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # sends nothing; ends when we do
+            peer_done.set()
+            writer.close()
+
+        server = await ktls.asyncio.start_server(silent, "127.0.0.1", 0, ssl=server_context)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await ktls.asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
+        )
+        transport: Any = writer.transport
+        near, far = socket.socketpair()
+        with near, far:
+            near.setblocking(False)
+            sink, source = os.pipe()
+            try:
+                into = asyncio.ensure_future(transport.splice_to(source, 100))
+                out_of = asyncio.ensure_future(transport.splice_from(near.fileno(), 100))
+                await asyncio.sleep(0.2)
+                assert not into.done()  # waiting for the peer
+                assert not out_of.done()  # waiting for near
+                transport.abort()
+                assert await asyncio.wait_for(into, TIMEOUT) == 0
+                with pytest.raises(ConnectionError):
+                    await asyncio.wait_for(out_of, TIMEOUT)
+                await asyncio.wait_for(peer_done.wait(), TIMEOUT)  # our socket really closed
+            finally:
+                os.close(sink)
+                os.close(source)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())

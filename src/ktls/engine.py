@@ -605,16 +605,19 @@ def wait_blocking(wait: Wait, timeout: float | None) -> bool:
     return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
-async def wait_async(loop: asyncio.AbstractEventLoop, wait: Wait) -> None:
-    """Wait for ``wait`` on the event loop. A kTLS socket is watched through a duplicate descriptor: its transport
-    owns the original's place in the loop (the selector loop refuses a second owner)."""
+async def wait_async(loop: asyncio.AbstractEventLoop, wait: Wait, waiter: asyncio.Future[None] | None = None) -> None:
+    """Wait for ``wait`` on the event loop (or until ``wait.until``), or until someone completes ``waiter``. A
+    kTLS socket is watched through a duplicate descriptor: its transport owns the original's place in the loop
+    (the selector loop refuses a second owner)."""
     dup = os.dup(wait.fd)
-    waiter: asyncio.Future[None] = loop.create_future()
+    if waiter is None:
+        waiter = loop.create_future()
 
     def wake() -> None:
         if not waiter.done():
             waiter.set_result(None)
 
+    timer = None if wait.until is None else loop.call_later(max(0.0, wait.until - time.monotonic()), wake)
     try:
         if wait.writable:
             loop.add_writer(dup, wake)
@@ -629,3 +632,5 @@ async def wait_async(loop: asyncio.AbstractEventLoop, wait: Wait) -> None:
                 loop.remove_reader(dup)
     finally:
         os.close(dup)
+        if timer is not None:
+            timer.cancel()

@@ -246,7 +246,7 @@ class Stream(TLSInformation):
         self._check_open()
         self._connection.check_writable()
         try:
-            total = self._wait_for(self._engine.sendfile(file, offset, count), self._timeout, "sending")
+            total = self._wait_for(self._engine.sendfile(file, offset, count), self._timeout, "sending", per_wait=True)
         except BlockingIOError:
             raise self._would_block("sending") from None
         except Exception:
@@ -273,15 +273,25 @@ class Stream(TLSInformation):
             return TimeoutError(f"timed out ({what})")
         return BlockingIOError(errno.EAGAIN, f"the TLS stream would block ({what})")
 
-    def _wait_for(self, steps: Generator[Wait, None, _T], timeout: float | None, what: str) -> _T:
-        """Run one of the engine's loops (sendfile, splice, drain, linger) to its end, each of its waits as
-        :meth:`_wait`; non-blocking, what it has moved so far when it would wait having moved some."""
+    def _wait_for(
+        self, steps: Generator[Wait, None, _T], timeout: float | None, what: str, *, per_wait: bool = False
+    ) -> _T:
+        """Run one of the engine's loops (drain, linger, sendfile, splice) to its end, each of its waits as
+        :meth:`_wait`, all of them within ``timeout`` together (a slow peer that takes a little at a time does not
+        stretch a bound) — or, ``per_wait``, each (a transfer of any length, as ``socket.sendfile`` times it).
+        Non-blocking, sendfile's bytes sent so far when it would wait having sent some."""
+        deadline = None if not timeout or per_wait else time.monotonic() + timeout
         try:
             while True:
                 wait = next(steps)
                 if timeout == 0.0 and wait.progress:
-                    return wait.progress  # type: ignore[return-value]  # the loops that tell progress return int
-                self._wait(wait, timeout, what)
+                    return wait.progress  # type: ignore[return-value]  # the loop that tells progress returns int
+                remaining = timeout
+                if deadline is not None and wait.until is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(errno.ETIMEDOUT, f"timed out ({what})")
+                self._wait(wait, remaining, what)
         except StopIteration as done:
             result: _T = done.value
             return result
@@ -484,6 +494,6 @@ class Stream(TLSInformation):
         """Run a splice loop, waiting with ``poll`` up to the stream's timeout."""
         try:
             with splice.failures(lambda _: self._failed()):
-                return self._wait_for(steps, self._timeout, "splice")
+                return self._wait_for(steps, self._timeout, "splice", per_wait=True)
         except BlockingIOError:
             raise self._would_block("splice") from None

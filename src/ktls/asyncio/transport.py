@@ -114,6 +114,7 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         self._read_done = False  # the peer's side ended: close_notify, EOF, or a failure
         self._error: Exception | None = None  # what connection_lost will be given
         self._empty_waiter: asyncio.Future[None] | None = None
+        self._waiters: set[asyncio.Future[None]] = set()  # what sendfiles and splices await: woken when lost
         self._reader_on = False
         self._writer_on = False
         self._deadline: asyncio.TimerHandle | None = None
@@ -499,6 +500,9 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
         self._engine.clear()
         if self._empty_waiter is not None and not self._empty_waiter.done():
             self._empty_waiter.set_exception(ConnectionError("Connection is closed by peer"))
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # a sendfile or splice waiting: it stops
         self._loop.call_soon(self._call_connection_lost, self._error)
 
     def _call_connection_lost(self, exc: Exception | None) -> None:
@@ -554,13 +558,18 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
                 except StopIteration as done:
                     moved: int = done.value
                     return moved
-                if self._life is _Lifecycle.LOST:
-                    raise ConnectionError("the connection was lost")
-                try:
-                    await wait_async(self._loop, wait)
-                except OSError as exc:
-                    if wait.fd != self._sock_fd:
-                        raise splice.DescriptorFailed(exc) from exc
-                    raise
+                if self._life is not _Lifecycle.LOST:
+                    waiter = self._loop.create_future()
+                    self._waiters.add(waiter)
+                    try:
+                        await wait_async(self._loop, wait, waiter)
+                    except OSError as exc:
+                        if wait.fd != self._sock_fd:
+                            raise splice.DescriptorFailed(exc) from exc
+                        raise
+                    finally:
+                        self._waiters.discard(waiter)
                 if stop_at_close and self.is_closing():
                     return 0
+                if self._life is _Lifecycle.LOST:  # also during the wait: the descriptor is going
+                    raise ConnectionError("the connection was lost")
