@@ -530,8 +530,9 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
     async def splice_to(self, fd: int, count: int) -> int:
         """Move up to ``count`` bytes of received application data into the non-blocking descriptor ``fd`` with
         ``splice`` (the kernel decrypts into a pipe; no byte enters Python); 0 at the end of the stream, when the
-        protocol's ``eof_received`` has also been called. Pauses reading: while splicing, the protocol gets no
-        ``data_received``. On fallback the same, by a copy (:mod:`ktls.splice`)."""
+        protocol's ``eof_received`` has also been called, and 0 once the transport closes (also while the call
+        waits). Pauses reading: while splicing, the protocol gets no ``data_received``. On fallback the same, by
+        a copy (:mod:`ktls.splice`)."""
         self.pause_reading()
         if self.is_closing() or count <= 0:
             return 0
@@ -543,8 +544,9 @@ class KTLSTransport(TLSInformation, transports._FlowControlMixin):  # the base a
 
     async def splice_from(self, fd: int, count: int) -> int:
         """Move up to ``count`` bytes from the non-blocking descriptor ``fd`` into the connection with
-        ``splice``, for the kernel to encrypt, in order with what was written before; 0 at ``fd``'s end. On
-        fallback the same, by a copy (:mod:`ktls.splice`)."""
+        ``splice``, for the kernel to encrypt, in order with what was written before; 0 at ``fd``'s end;
+        ``ConnectionError`` when the transport is lost (also while the call waits). On fallback the same, by a
+        copy (:mod:`ktls.splice`)."""
         return await self._wait_for(splice.splice_from(self._engine, splice.pipes_of(self)[1], fd, count))
 
     async def _wait_for(self, steps: Generator[Wait, None, int], *, stop_at_close: bool = False) -> int:
