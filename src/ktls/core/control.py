@@ -188,6 +188,10 @@ class ControlRecords:
         """Decide what a received non-application record means."""
         if self.error is not None:
             return [Fail(self.error)]
+        if self.read_closed:
+            # RFC 8446 §6.1: "Any data received after a closure alert has been received MUST be ignored" (a TCP
+            # EOF ends the read side too): no KeyUpdate followed, no alert taken, no ticket kept.
+            return []
         if self._pending and content_type != ContentType.HANDSHAKE and self.version is TLSVersion.TLS1_3:
             return self._interleaved(content_type)
         if content_type == ContentType.ALERT:
@@ -383,7 +387,7 @@ class ControlRecords:
 
     def send_key_exhausted(self, records: int) -> list[Action]:
         """The send key has protected as many records as its AEAD may (RFC 8446 §5.5; the front end counts,
-        :class:`~ktls.sendbudget.SendBudget`). TLS 1.3 where the kernel can rekey: a KeyUpdate. Otherwise not
+        :class:`~ktls.core.sendbudget.SendBudget`). TLS 1.3 where the kernel can rekey: a KeyUpdate. Otherwise not
         one more record may go out under this key, and there is no other: close_notify, and every later write
         is refused with the reason (RFC 8446 §5.5: "the connection MUST be closed" if it cannot rekey)."""
         if self.version is TLSVersion.TLS1_3 and self._next_key is not None and not self.write_closed:
