@@ -6,9 +6,9 @@ are handed to the kernel, which then encrypts and decrypts every record of a pla
 The public surface is stdlib-shaped: :func:`wrap_socket` and :class:`Stream` (like ``ssl.SSLSocket``),
 :mod:`ktls.asyncio` (like asyncio's SSL transports), :mod:`ktls.errors`. The layers, each in its file:
 :mod:`ktls.kernel` (the kernel ABI: ``uapi``, ``syscalls``, ``probe``), :mod:`ktls.tls` (records, key schedule,
-key log, AEADs, proofs), :mod:`ktls.keylog_capture` (secret capture), :mod:`ktls.handshake` and
-:mod:`ktls.driver` (the handshake and its driver), :mod:`ktls.handoff` (keys to the kernel),
-:mod:`ktls.connection` with :mod:`ktls.control` (the connection core), :mod:`ktls.stream` (blocking),
+key log, AEADs, proofs), :mod:`ktls.core.keylog_capture` (secret capture), :mod:`ktls.core.handshake` and
+:mod:`ktls.core.driver` (the handshake and its driver), :mod:`ktls.core.handoff` (keys to the kernel),
+:mod:`ktls.core.connection` with :mod:`ktls.core.control` (the connection core), :mod:`ktls.stream` (blocking),
 :mod:`ktls.asyncio` (event loop), :mod:`ktls.cli` and :mod:`ktls.serve` (the command line).
 """
 

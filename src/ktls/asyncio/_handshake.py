@@ -1,4 +1,4 @@
-"""The handshake on the event loop: :mod:`ktls.driver`'s requests carried out with the loop's socket calls.
+"""The handshake on the event loop: :mod:`ktls.core.driver`'s requests carried out with the loop's socket calls.
 
 The driver is the blocking front end's (peek at what has arrived and offer OpenSSL every whole record, or
 finish the current record exactly), so the kernel starts at a record boundary; here each request awaits
@@ -33,7 +33,7 @@ _T = TypeVar("_T")
 async def run(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, steps: Generator[driver.IORequest, bytes | None, _T]
 ) -> _T:
-    """Carry out a driver's requests on the non-blocking ``sock`` (:func:`ktls.driver.run`, awaiting)."""
+    """Carry out a driver's requests on the non-blocking ``sock`` (:func:`ktls.core.driver.run`, awaiting)."""
     answer: bytes | None = None
     try:
         while True:

@@ -5,7 +5,7 @@ every decision about them is made here, once. A :class:`Connection` knows nothin
 loops. It is told what happened — application data arrived, a control record arrived (with its content
 type), the kernel refused a record, the peer's TCP stream ended, a deferred record was read, bytes were sent,
 the kernel counted its records, the application wants to close or rekey — and answers with *actions*
-(:mod:`ktls.control`'s ``SendAlert``, ``SendHandshake``, ``InstallKey``, ``ReadClosed``, ``WriteClosed``,
+(:mod:`ktls.core.control`'s ``SendAlert``, ``SendHandshake``, ``InstallKey``, ``ReadClosed``, ``WriteClosed``,
 ``SessionTicket``, ``Fail``; and :class:`Deliver`, :class:`HandOffReceive` here) for the I/O layer to carry
 out in order.
 
@@ -13,7 +13,7 @@ The state is explicit, one enum per direction (never inferred from several boole
 
 * :class:`Receiving`: ``KERNEL`` (``recvmsg`` on the socket; the kernel decrypts), ``DEFERRED`` (a TLS 1.3
   client before the first application record: OpenSSL reads one record at a time so the server's tickets
-  reach ``session``, :class:`~ktls.handoff.DeferredReceive`), ``USERSPACE`` (OpenSSL reads: fallback),
+  reach ``session``, :class:`~ktls.core.handoff.DeferredReceive`), ``USERSPACE`` (OpenSSL reads: fallback),
   ``CLOSED`` (close_notify, EOF or failure).
 * :class:`Sending`: ``KERNEL``, ``USERSPACE`` (OpenSSL encrypts: fallback), ``CLOSED`` (close_notify sent,
   the key is spent, or the connection failed).
@@ -23,7 +23,7 @@ I/O layer still reads through the kernel to discard what arrives after the end.
 
 Edge cases, each handled where named: the deferred window (:meth:`Connection.deferred_record`), the send
 key's usage limit (:meth:`Connection.sent`, :meth:`Connection.kernel_record_count`), ragged EOF
-(:meth:`Connection.end_of_stream`), flood bounds and every RFC rule on control records (:mod:`ktls.control`).
+(:meth:`Connection.end_of_stream`), flood bounds and every RFC rule on control records (:mod:`ktls.core.control`).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class Connection:
 
     @property
     def rx_expect_no_pad(self) -> bool:
-        """The kernel receives with ``TLS_RX_EXPECT_NO_PAD`` (TLS 1.3; :func:`ktls.handoff.install_rx`)."""
+        """The kernel receives with ``TLS_RX_EXPECT_NO_PAD`` (TLS 1.3; :func:`ktls.core.handoff.install_rx`)."""
         return self._rx_expect_no_pad
 
     @property
@@ -217,7 +217,7 @@ class Connection:
         return []
 
     def control_record(self, content_type: int, payload: bytes) -> list[Action]:
-        """A record of another type than application data arrived, decrypted (:mod:`ktls.control` decides)."""
+        """A record of another type than application data arrived, decrypted (:mod:`ktls.core.control` decides)."""
         return self._note(self.control.receive_record(content_type, payload))
 
     def current_receive_key(self, rec_seq: int) -> CryptoInfo:

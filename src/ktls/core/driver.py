@@ -1,7 +1,7 @@
 """The handshake driver, once, sans I/O: the blocking and asyncio front ends only carry out its requests.
 
 :func:`establish` is a generator. It runs everything from the key-log capture to the keys
-(:mod:`ktls.handoff`'s steps 1-3) around :func:`drive`, the loop that gives OpenSSL exactly the records it
+(:mod:`ktls.core.handoff`'s steps 1-3) around :func:`drive`, the loop that gives OpenSSL exactly the records it
 waits for, and yields what it needs done on the socket — :class:`Send`, :class:`Peek`, :class:`Receive` —
 receiving the bytes read in answer. Its return value (``StopIteration.value``) is an :class:`Established`:
 the finished handshake and, when the kernel can take over, the keys. :func:`take_over` then gives the kernel
@@ -190,8 +190,8 @@ def take_over(
     suppress_ragged_eofs: bool = True,
     require_kernel: bool = False,
 ) -> Connection:
-    """Give the kernel the keys of a finished handshake (:func:`ktls.handoff.install`, which says what it
-    may conclude) and start the :class:`~ktls.connection.Connection` that drives the rest. Without keys, or
+    """Give the kernel the keys of a finished handshake (:func:`ktls.core.handoff.install`, which says what it
+    may conclude) and start the :class:`~ktls.core.connection.Connection` that drives the rest. Without keys, or
     where the kernel refuses them, user space carries on and ``fallback_reason`` says why — unless
     ``require_kernel``, which raises :class:`~ktls.errors.KernelTLSUnavailable`."""
     handshake = established.handshake
@@ -251,7 +251,7 @@ def resume_receive(sock: socket.socket, connection: Connection) -> None:
 
 
 def hand_off_receive(sock: socket.socket, connection: Connection, action: HandOffReceive) -> None:
-    """Carry out :class:`~ktls.connection.HandOffReceive` (the end of the deferred window) for either front
+    """Carry out :class:`~ktls.core.connection.HandOffReceive` (the end of the deferred window) for either front
     end: the receive key to the kernel, and what the kernel said back to the connection."""
     if action.info is None:
         return  # unproven: the connection already stays in user space

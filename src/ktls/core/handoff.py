@@ -4,8 +4,8 @@ The steps, in order, and what each may conclude:
 
 1. :func:`begin`: is kernel TLS possible at all (``probe``)? If so, capture the context's key log in memory.
    If not, the reason becomes the stream's ``fallback_reason``.
-2. The caller drives :class:`~ktls.handshake.Handshake` with its own I/O, inside ``capture.handshake()``,
-   whose :class:`~ktls.keylog_capture.SecretClaim` the handshake binds its client random to.
+2. The caller drives :class:`~ktls.core.handshake.Handshake` with its own I/O, inside ``capture.handshake()``,
+   whose :class:`~ktls.core.keylog_capture.SecretClaim` the handshake binds its client random to.
 3. :func:`derive_keys`: whether this kernel takes the cipher for its TLS version; the connection's secrets
    from the key log, *proven* to be its own (:mod:`ktls.tls.proof`); its keys.
    :class:`~ktls.errors.KernelTLSUnavailable` means: stay in user space.
@@ -100,7 +100,7 @@ def derive_keys(
 def proven_secrets(handshake: Handshake, claim: SecretClaim, *, server_side: bool) -> ConnectionSecrets:
     """This connection's secrets, beyond doubt — no kernel needed, so the host tests run it too.
 
-    The claim refuses a client random that another handshake shares (:mod:`ktls.keylog_capture`), and
+    The claim refuses a client random that another handshake shares (:mod:`ktls.core.keylog_capture`), and
     :func:`~ktls.tls.proof.prove_secrets` opens the connection's own records with what was taken. Either
     refusal is logged at WARNING (someone may be racing client randoms) and raises
     :class:`~ktls.errors.KernelTLSUnavailable`: the connection stays in userspace TLS.

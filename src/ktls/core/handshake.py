@@ -21,7 +21,7 @@ kernel, and they are why this is not just ``SSLContext.wrap_socket``:
   server's tickets may be in flight, which :mod:`ktls.stream` handles. TLS 1.2: each direction's Finished is
   record 0 of its epoch, so both are 1 — and for AES-GCM/CCM the explicit nonce of the next record we send is
   our Finished's explicit nonce + 1 (OpenSSL starts it at a random value, not at the sequence number).
-* **Whose secrets.** OpenSSL writes the traffic secrets to the key log (:mod:`ktls.keylog_capture`); the
+* **Whose secrets.** OpenSSL writes the traffic secrets to the key log (:mod:`ktls.core.keylog_capture`); the
   client random says which lines are this connection's. It is read from the *first ClientHello message*,
   reassembled from the handshake records as a message stream (a hello may be split one byte per record, or
   share a record), never from a record that merely starts like one; TLS 1.2's server random likewise from
@@ -237,7 +237,7 @@ class Handshake:
     ) -> None:
         """``on_client_random`` is called with each client random of this handshake the moment it is known
         and before OpenSSL can log a secret under it (a server: when the ClientHello has arrived, before
-        OpenSSL reads it; a client: right after OpenSSL wrote it) — :class:`ktls.keylog_capture.SecretClaim`
+        OpenSSL reads it; a client: right after OpenSSL wrote it) — :class:`ktls.core.keylog_capture.SecretClaim`
         binds it so."""
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()

@@ -8,7 +8,7 @@ what is appended, and hand each connection its own lines by client random (:clas
 * **A connection only ever gets its own secrets.** The client random that names a connection's lines is
   chosen by the client and sent in clear, so two handshakes can share one. Each ktls handshake holds a
   :class:`SecretClaim` and binds its client random to it the moment the random is known, before OpenSSL can
-  log a secret under it (:class:`ktls.handshake.Handshake`'s ``on_client_random``). A random bound by two
+  log a secret under it (:class:`ktls.core.handshake.Handshake`'s ``on_client_random``). A random bound by two
   claims in flight at once, or under which one label is logged with two values (the parser's ``ambiguous``),
   or a client that changes its random after a HelloRetryRequest: :meth:`SecretClaim.take` refuses, and the
   connection stays in userspace TLS — OpenSSL's own keys, always right. :mod:`ktls.tls.proof` then checks

@@ -1,12 +1,12 @@
 """OpenSSL as the record layer, sans I/O: the directions the kernel did not take, and the deferred window.
 
-After the handshake the same ``SSLObject`` (over its memory BIOs, :class:`ktls.handshake.Handshake`) keeps
+After the handshake the same ``SSLObject`` (over its memory BIOs, :class:`ktls.core.handshake.Handshake`) keeps
 working wherever the kernel does not: the whole connection on fallback (no ``tls`` ULP, a cipher or version
 the kernel lacks), receive alone when the kernel took only the send key, and a TLS 1.3 client's reads before
-its first application record (:meth:`ktls.connection.Connection.deferred_record`). :class:`UserspaceTLS`
+its first application record (:meth:`ktls.core.connection.Connection.deferred_record`). :class:`UserspaceTLS`
 is that record layer for both front ends: they move its ciphertext to and from the socket; what the
 plaintext means for the connection (the peer's close_notify, a ragged EOF, the deferred window's end) is
-told to the :class:`~ktls.connection.Connection` here, once.
+told to the :class:`~ktls.core.connection.Connection` here, once.
 
 Edge cases, each handled where named: OpenSSL's ``read`` returning ``b""`` for a close_notify it has only
 received (:meth:`UserspaceTLS.read`); a TCP EOF without close_notify (:meth:`UserspaceTLS.read`, the

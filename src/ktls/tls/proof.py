@@ -5,7 +5,7 @@ Theory of operation
 The key log ties a secret to a connection by the *client random* alone, and the client random is chosen by
 the client and sent in the clear. A second handshake on the same context with the same random (a test tool
 with a fixed random, or an on-path observer copying a victim's ClientHello) logs other secrets under the same
-name. :mod:`ktls.keylog_capture` refuses a random that two handshakes in flight claim, or under which one
+name. :mod:`ktls.core.keylog_capture` refuses a random that two handshakes in flight claim, or under which one
 label was logged with two values; this module is the second, independent guard: it opens records that this
 very connection sent and received, with keys derived from the claimed secrets. An AEAD tag that verifies is
 proof (2^-128 forgery odds) that the secret is the one OpenSSL used for *this* connection's bytes.
@@ -18,9 +18,9 @@ What is proven, per version and role (RFC 8446 §7.1/§7.3, RFC 5246 §6.3/§7.4
   of its handshake also proves ``SERVER_TRAFFIC_SECRET_0`` — its send key — with the first ticket record
   (record 0 under it). What cannot be opened before the hand-off (``CLIENT_TRAFFIC_SECRET_0``: the client
   sends nothing under it until the handshake is over; a client's receive secret, proven later by its first
-  received record, :meth:`ktls.connection.Connection.deferred_record`) comes from the same set of lines,
+  received record, :meth:`ktls.core.connection.Connection.deferred_record`) comes from the same set of lines,
   which the capture has already found unambiguous. Received records are tried in order, because a client
-  may send rejected 0-RTT records before its flight; at most :data:`~ktls.handshake.MAX_EVIDENCE_RECORDS` are kept.
+  may send rejected 0-RTT records before its flight; at most :data:`~ktls.core.handshake.MAX_EVIDENCE_RECORDS` are kept.
 * **TLS 1.2.** The master secret gives both directions' keys; both Finished records (the first record after
   each ChangeCipherSpec, record 0 of its epoch) must open, and hold a 12-byte Finished message.
 
