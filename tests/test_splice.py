@@ -18,7 +18,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -400,6 +400,20 @@ def test_fallback_splices_by_copying(rsa_cert: CertFiles) -> None:
         assert bytes(received) == payload
 
 
+async def _served(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+) -> tuple[asyncio.AbstractServer, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A ktls asyncio server running ``handler``, and a ktls client connected to it."""
+    server = await ktls.asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await ktls.asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
+    )
+    return server, reader, writer
+
+
 def test_the_callers_mistakes_are_not_the_connections_failure(rsa_cert: CertFiles) -> None:
     """A descriptor that refuses the bytes (``EBADF``: a pipe's read end) raises its own error and nothing that
     was read is lost: the bytes are read next. ``splice_from`` once our write side is closed raises
@@ -431,11 +445,7 @@ def test_the_callers_mistakes_are_not_the_connections_failure(rsa_cert: CertFile
             await writer.drain()
             writer.close()
 
-        server = await ktls.asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
-        port = server.sockets[0].getsockname()[1]
-        reader, writer = await ktls.asyncio.open_connection(
-            "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
-        )
+        server, reader, writer = await _served(answer, server_context, client_context)
         transport: Any = writer.transport
         with pytest.raises(OSError, match="Bad file descriptor") as refused:
             await asyncio.wait_for(transport.splice_to(refuses, 100), TIMEOUT)
@@ -475,11 +485,7 @@ def test_a_splice_waiting_when_the_transport_is_lost_ends(rsa_cert: CertFiles) -
             peer_done.set()
             writer.close()
 
-        server = await ktls.asyncio.start_server(silent, "127.0.0.1", 0, ssl=server_context)
-        port = server.sockets[0].getsockname()[1]
-        _, writer = await ktls.asyncio.open_connection(
-            "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
-        )
+        server, _, writer = await _served(silent, server_context, client_context)
         transport: Any = writer.transport
         near, far = socket.socketpair()
         with near, far:
