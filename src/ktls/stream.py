@@ -302,7 +302,7 @@ class Stream(TLSInformation):
         """One wait with ``poll``, up to ``timeout`` (``None``: no limit): ``BlockingIOError`` at once for 0,
         ``TimeoutError`` past it. A wait that keeps its own time (``Wait.until``) just returns then."""
         if wait.until is None and timeout == 0.0:
-            raise BlockingIOError(errno.EAGAIN, f"the TLS stream would block ({what})")
+            raise self._would_block(what)  # only a non-blocking stream waits 0 s
         if not wait_blocking(wait, timeout) and wait.until is None:
             raise TimeoutError(errno.ETIMEDOUT, f"timed out ({what})")
 
